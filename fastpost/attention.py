@@ -1,0 +1,171 @@
+"""Attention backends behind one entry point: attention(q, k, v, mask=None, backend="auto").
+
+Layout is BSHD ([batch, seq, heads, head_dim]) everywhere in fastpost: it is flash-attn's native layout and the
+one the Ulysses all-to-all splits cheaply (sequence and heads are adjacent leading dims).
+
+Backends, in "auto" preference order:
+  flash_attn_3  flash_attn_interface (Hopper build of flash-attn); CUDA, fp16/bf16, head_dim <= 256, no mask
+  flash_attn_2  flash_attn.flash_attn_func; CUDA, fp16/bf16, head_dim % 8 == 0 and <= 256, no mask
+  sdpa          torch.nn.functional.scaled_dot_product_attention (picks flash/cuDNN/efficient/math itself)
+  math          explicit softmax(q k^T * scale + mask) v with fp32 softmax; runs anywhere, slowest
+flash-attn cannot be built on CPU machines, so it is imported lazily and optionally.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math as _math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# check(q, k, v, mask) -> None if the backend can run these inputs, else the reason it cannot.
+Check = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "str | None"]
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    kernel: Kernel
+    is_available: Callable[[], bool]
+    check: Check
+
+
+_REGISTRY: dict[str, AttentionBackend] = {}
+_AUTO_ORDER: list[str] = []
+
+
+def register_backend(backend: AttentionBackend, auto_priority: int | None = None) -> None:
+    """Add a backend; auto_priority places it in the "auto" order (0 = tried first), None = explicit-only."""
+    _REGISTRY[backend.name] = backend
+    if backend.name in _AUTO_ORDER:
+        _AUTO_ORDER.remove(backend.name)
+    if auto_priority is not None:
+        _AUTO_ORDER.insert(auto_priority, backend.name)
+
+
+@lru_cache(maxsize=None)
+def _optional_import(module: str):
+    try:
+        return importlib.import_module(module)
+    except Exception:  # ImportError, or a broken CUDA build raising OSError at import
+        return None
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention expects BSHD 4-D q/k/v, got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"attention q/k/v shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            f"(need equal batch, heads and head_dim; k and v identical)"
+        )
+
+
+def _flash_check(q, k, v, mask, *, head_dim_multiple: int, need_sm90: bool) -> str | None:
+    if mask is not None:
+        return "flash-attn takes no arbitrary mask (pass mask=None or use sdpa)"
+    if not q.is_cuda:
+        return "flash-attn needs CUDA tensors"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn needs fp16/bf16, got {q.dtype}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "flash-attn needs q, k, v of one dtype"
+    head_dim = q.shape[-1]
+    if head_dim > 256 or head_dim % head_dim_multiple != 0:
+        return f"flash-attn needs head_dim <= 256 and a multiple of {head_dim_multiple}, got {head_dim}"
+    if need_sm90 and torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "flash-attn 3 needs a Hopper (sm90) GPU"
+    return None
+
+
+def _fa2_kernel(q, k, v, mask, scale):
+    return _optional_import("flash_attn").flash_attn_func(q, k, v, softmax_scale=scale)
+
+
+def _fa3_kernel(q, k, v, mask, scale):
+    out = _optional_import("flash_attn_interface").flash_attn_func(q, k, v, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
+
+
+def _sdpa_kernel(q, k, v, mask, scale):
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def _math_kernel(q, k, v, mask, scale):
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+
+
+def _no_check(q, k, v, mask) -> str | None:
+    return None
+
+
+register_backend(
+    AttentionBackend(
+        "flash_attn_3", _fa3_kernel, lambda: _optional_import("flash_attn_interface") is not None,
+        lambda q, k, v, m: _flash_check(q, k, v, m, head_dim_multiple=8, need_sm90=True),
+    ),
+    auto_priority=0,
+)
+register_backend(
+    AttentionBackend(
+        "flash_attn_2", _fa2_kernel, lambda: _optional_import("flash_attn") is not None,
+        lambda q, k, v, m: _flash_check(q, k, v, m, head_dim_multiple=8, need_sm90=False),
+    ),
+    auto_priority=1,
+)
+register_backend(AttentionBackend("sdpa", _sdpa_kernel, lambda: True, _no_check), auto_priority=2)
+register_backend(AttentionBackend("math", _math_kernel, lambda: True, _no_check))
+
+
+def available_backends() -> list[str]:
+    return [name for name, b in _REGISTRY.items() if b.is_available()]
+
+
+def resolve_backend(name: str, q, k, v, mask=None) -> AttentionBackend:
+    """The backend that will run these inputs; explicit names that cannot run them raise with the reason."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            b = _REGISTRY[candidate]
+            if b.is_available() and b.check(q, k, v, mask) is None:
+                return b
+        raise RuntimeError("no attention backend can run these inputs")  # sdpa accepts everything
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {['auto', *_REGISTRY]}")
+    b = _REGISTRY[name]
+    if not b.is_available():
+        raise RuntimeError(f"attention backend {name!r} is not installed here; available: {available_backends()}")
+    reason = b.check(q, k, v, mask)
+    if reason is not None:
+        raise ValueError(f"attention backend {name!r} cannot run these inputs: {reason}")
+    return b
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over BSHD tensors.
+
+    mask: broadcastable to [B, H, Sq, Sk]; bool (True = attend) or additive float.
+    """
+    _check_shapes(q, k, v)
+    if mask is not None and mask.dim() != 4:
+        raise ValueError(f"attention mask must be 4-D (broadcastable to [B, H, Sq, Sk]), got shape {tuple(mask.shape)}")
+    scale = 1.0 / _math.sqrt(q.shape[-1]) if scale is None else scale
+    return resolve_backend(backend, q, k, v, mask).kernel(q, k, v, mask, scale)

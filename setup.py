@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fastpost",
+    version="0.1.0",
+    description="Post-training (finetune, distillation) and sequence-parallel sampling for video diffusion transformers",
+    packages=find_packages(include=["fastpost", "fastpost.*"]),
+    python_requires=">=3.10",
+    # torch is pinned to 2.13.0 by the Makefile on CPU machines; any >=2.6 with FSDP2 + DTensor works.
+    install_requires=[
+        "torch>=2.6",
+        "diffusers>=0.32",
+        "transformers>=4.44",
+        "peft>=0.13",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.24",
+        "einops>=0.7",
+        "imageio>=2.34",
+        "imageio-ffmpeg>=0.5",
+        "pyyaml>=6",
+        "tokenizers>=0.19",
+        "sentencepiece",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        # Needs CUDA to build; never installed on CPU machines. fastpost imports it optionally.
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["fastpost=fastpost.cli:main"]},
+)
