@@ -38,7 +38,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+        raise ConfigError(f"{where}: {value!r} matches none of {tp} ({'; '.join(errors)})")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -59,6 +59,16 @@ class SPGroup:
         )
 
 
+# torch >= 2.13 renamed the autograd all-gather (backward: reduce-scatter sum); it gathers along dim 0 only.
+_all_gather_dim0 = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+def all_gather_autograd(x: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
+    """Concatenate the ranks' x along `dim`, differentiably (backward = reduce-scatter sum, the exact adjoint)."""
+    out = _all_gather_dim0(x.movedim(dim, 0).contiguous(), 0, mesh)
+    return out.movedim(0, dim)
+
+
 def local_seq_len(seq_len: int, sp_size: int) -> int:
     return math.ceil(seq_len / sp_size)
 
@@ -86,7 +96,7 @@ def gather_sequence(x: torch.Tensor, dim: int, sp: SPGroup | None, seq_len: int)
     """Inverse of shard_sequence: all-gather the chunks (backward: reduce-scatter sum) and drop the padding."""
     if sp is None:
         return x
-    full = funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=dim, group=sp.sp_mesh)
+    full = all_gather_autograd(x, dim, sp.sp_mesh)
     return full.narrow(dim, 0, seq_len)
 
 
@@ -155,8 +165,7 @@ def ulysses_attention(
     q_blk, k_blk, v_blk = seq_to_heads(qkv, sp.ulysses_mesh, u).unbind(0)  # [B, U*S_l, H_l, D]
     block = u * s_l
     if r > 1:
-        kv = funcol.all_gather_tensor_autograd(torch.stack([k_blk, v_blk]).contiguous(), gather_dim=2,
-                                               group=sp.ring_mesh)
+        kv = all_gather_autograd(torch.stack([k_blk, v_blk]), 2, sp.ring_mesh)
         k_all, v_all = kv.unbind(0)
     else:
         k_all, v_all = k_blk, v_blk
@@ -187,7 +196,7 @@ def ulysses_attention(
     out = heads_to_seq(out.contiguous(), sp.ulysses_mesh, u)[:, :, :heads]
     if text is None:
         return out
-    text_out = funcol.all_gather_tensor_autograd(text_out.contiguous(), gather_dim=2, group=sp.ulysses_mesh)
+    text_out = all_gather_autograd(text_out, 2, sp.ulysses_mesh)
     return out, text_out[:, :, :heads]
 
 
