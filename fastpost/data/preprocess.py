@@ -1,0 +1,392 @@
+"""Preprocessing: captioned videos/images -> normalised VAE latents + text embeddings in safetensors shards.
+
+    python -m fastpost.data.preprocess data=<metadata.jsonl> output_dir=<dir> vae=<dir> text_encoder=<dir>
+    torchrun --nproc_per_node=N -m fastpost.data.preprocess ...     (rank r takes shards r, r+N, ...)
+
+Inputs are grouped into shards of `samples_per_shard` consecutive metadata rows, so shard i always holds the
+same inputs and a rerun can skip every shard that already has a manifest line (resumable after a kill).
+An unreadable input is logged, listed in the shard's manifest entry and in preprocess_report.json, and
+skipped. Latents are the posterior *mean* (deterministic, so shards are reproducible bit for bit), stored in
+the normalisation the diffusers pipelines feed the DiT (see normalize_latents).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fastpost.config import ConfigError, apply_overrides, from_dict, load_yaml
+from fastpost.data import shards
+from fastpost.data.text import TextEncoder
+
+log = logging.getLogger("fastpost.data.preprocess")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+REPORT = "preprocess_report.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VAE_FAMILIES = {"AutoencoderKLCogVideoX": "cogvideox", "AutoencoderKLMochi": "mochi"}
+
+
+@dataclass
+class PreprocessConfig:
+    data: str  # metadata.jsonl (rows with "path" relative to it and "caption"), or the folder holding it
+    output_dir: str
+    vae: str  # a VAE folder (save_pretrained) or a diffusers pipeline folder with vae/
+    text_encoder: str  # a folder with tokenizer + T5 encoder, or a pipeline folder with tokenizer/ text_encoder/
+    resolutions: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])  # (height, width) buckets
+    max_frames: int = 25  # upper bound; the count used is the largest VAE-valid one (4k+1 / 6k+1) that fits
+    frame_stride: int = 1  # take every n-th source frame
+    max_text_length: int = 16
+    samples_per_shard: int = 8
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of latents and embeddings
+    device: str = "auto"
+    vae_tiling: bool = False  # diffusers' tiled encode: needed for full-size clips on one GPU; off = exact
+    text_encoder_pass_mask: bool | None = None  # None: what the family's diffusers pipeline does
+    limit: int | None = None  # only the first N metadata rows (smoke runs)
+
+    def __post_init__(self) -> None:
+        if not self.resolutions:
+            raise ConfigError("PreprocessConfig.resolutions needs at least one (height, width) bucket")
+        for name in ("max_frames", "frame_stride", "max_text_length", "samples_per_shard"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"PreprocessConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ---- VAE + latent normalisation ------------------------------------------------------------------
+def vae_family(vae_or_config: Any) -> str:
+    cfg = getattr(vae_or_config, "config", vae_or_config)
+    name = cfg.get("_class_name") or type(vae_or_config).__name__
+    if name not in _VAE_FAMILIES:
+        raise ValueError(f"unsupported VAE class {name!r}; supported: {sorted(_VAE_FAMILIES)}")
+    return _VAE_FAMILIES[name]
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load AutoencoderKLCogVideoX / AutoencoderKLMochi from a VAE folder or a pipeline folder (vae/)."""
+    import diffusers
+
+    path = Path(path)
+    if (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no VAE config.json in {str(path)!r}; pass a folder written by save_pretrained")
+    name = json.loads((path / "config.json").read_text()).get("_class_name")
+    if name not in _VAE_FAMILIES:
+        raise ValueError(f"VAE in {str(path)!r} is {name!r}; supported: {sorted(_VAE_FAMILIES)}")
+    # torch_dtype at load time (not .to(dtype)) so diffusers keeps any fp32-pinned modules in fp32.
+    return getattr(diffusers, name).from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
+
+
+def latent_norm(vae_or_config: Any) -> dict[str, Any]:
+    """The normalisation constants, as recorded in the manifest header (accepts a VAE, its config or this dict)."""
+    if isinstance(vae_or_config, dict) and "formula" in vae_or_config:
+        return vae_or_config
+    cfg = getattr(vae_or_config, "config", vae_or_config)
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    sf = float(cfg.get("scaling_factor") or 1.0)
+    if mean is not None and std is not None:
+        # MochiPipeline decodes with z * std / sf + mean, so the DiT-side value is (x - mean) / std * sf.
+        return {"formula": "(mean - latents_mean) / latents_std * scaling_factor", "scaling_factor": sf,
+                "latents_mean": [float(v) for v in mean], "latents_std": [float(v) for v in std]}
+    # CogVideoXPipeline decodes with z / sf (shift_factor is None for CogVideoX).
+    shift = cfg.get("shift_factor")
+    return {"formula": "(mean - shift_factor) * scaling_factor", "scaling_factor": sf,
+            "shift_factor": float(shift or 0.0)}
+
+
+def _channel_view(values: list[float], like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    shape = [1] * like.ndim
+    shape[channel_dim] = len(values)
+    return torch.tensor(values, dtype=torch.float32).view(shape).to(like.device)
+
+
+def normalize_latents(vae: Any, x: torch.Tensor, channel_dim: int = -4) -> torch.Tensor:
+    """Posterior-mean latents -> DiT-input latents ([..., C, F, H, W]); computed in fp32, returned in x.dtype."""
+    n = latent_norm(vae)
+    x32 = x.float()
+    if "latents_mean" in n:
+        mean = _channel_view(n["latents_mean"], x32, channel_dim)
+        std = _channel_view(n["latents_std"], x32, channel_dim)
+        return ((x32 - mean) / std * n["scaling_factor"]).to(x.dtype)
+    return ((x32 - n["shift_factor"]) * n["scaling_factor"]).to(x.dtype)
+
+
+def denormalize_latents(vae: Any, z: torch.Tensor, channel_dim: int = -4) -> torch.Tensor:
+    """Inverse of normalize_latents: DiT-output latents -> what vae.decode expects."""
+    n = latent_norm(vae)
+    z32 = z.float()
+    if "latents_mean" in n:
+        mean = _channel_view(n["latents_mean"], z32, channel_dim)
+        std = _channel_view(n["latents_std"], z32, channel_dim)
+        return (z32 * std / n["scaling_factor"] + mean).to(z.dtype)
+    return (z32 / n["scaling_factor"] + n["shift_factor"]).to(z.dtype)
+
+
+def frame_multiple(vae: Any) -> int:
+    """Valid pixel frame counts are k * multiple + 1 (CogVideoX 4, Mochi 6 = prod(temporal_expansions))."""
+    cfg = vae.config
+    if vae_family(vae) == "mochi":
+        return int(math.prod(cfg.temporal_expansions))
+    return int(cfg.temporal_compression_ratio)
+
+
+def valid_frame_count(available: int, multiple: int, max_frames: int) -> int:
+    """Largest k * multiple + 1 <= min(available, max_frames) (1 for images or too-short clips)."""
+    limit = min(available, max_frames)
+    if limit < 1:
+        raise ValueError(f"no frames to use (available={available}, max_frames={max_frames})")
+    return (limit - 1) // multiple * multiple + 1
+
+
+# ---- decoding + geometry -------------------------------------------------------------------------
+def read_frames(path: str | Path, max_frames: int | None = None, stride: int = 1) -> np.ndarray:
+    """uint8 [F, H, W, 3]; images give one frame. Stops decoding once enough frames are read."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_EXTS:
+        img = np.asarray(imageio.imread(path))
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=-1)
+        return img[None, ..., :3]
+    need = None if max_frames is None else (max_frames - 1) * stride + 1
+    frames = []
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        for i, frame in enumerate(reader):
+            if need is not None and i >= need:
+                break
+            if i % stride == 0:
+                frames.append(np.asarray(frame)[..., :3])
+    finally:
+        reader.close()
+    if not frames:
+        raise ValueError(f"no frames could be decoded from {path}")
+    return np.stack(frames)
+
+
+def choose_bucket(height: int, width: int, resolutions: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest in log space (so 2:1 and 1:2 are equally far from 1:1)."""
+    aspect = math.log(width / height)
+    return min(resolutions, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - aspect), -hw[0] * hw[1]))
+
+
+def resize_center_crop(frames_FHWC: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """uint8 [F,H,W,3] -> float32 [3,F,height,width] in [-1, 1]: scale to cover the bucket, then centre-crop."""
+    x = torch.from_numpy(np.ascontiguousarray(frames_FHWC)).permute(0, 3, 1, 2).float()  # F,3,H,W
+    h, w = x.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    x = x[:, :, top:top + height, left:left + width]
+    return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def load_pixels(path: str | Path, cfg: PreprocessConfig, multiple: int) -> tuple[torch.Tensor, str]:
+    """Decode + choose bucket + valid frame count + resize/crop: ([3,F,H,W] in [-1,1], bucket 'FxHxW')."""
+    frames = read_frames(path, cfg.max_frames, cfg.frame_stride)
+    n = valid_frame_count(len(frames), multiple, cfg.max_frames)
+    h, w = choose_bucket(frames.shape[1], frames.shape[2], cfg.resolutions)
+    return resize_center_crop(frames[:n], h, w), f"{n}x{h}x{w}"
+
+
+@torch.no_grad()
+def encode_video(vae: Any, pixels_CFHW: torch.Tensor) -> torch.Tensor:
+    """One clip -> normalised latents [C, f, h, w] (posterior mean: deterministic, no sampling noise)."""
+    p = next(vae.parameters())
+    x = pixels_CFHW[None].to(device=p.device, dtype=p.dtype)
+    mean = vae.encode(x).latent_dist.mean
+    return normalize_latents(vae, mean)[0]
+
+
+# ---- the job -------------------------------------------------------------------------------------
+def read_metadata(data: str | Path, limit: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    path = Path(data)
+    if path.is_dir():
+        path = path / "metadata.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata file {str(path)!r} not found; write one row per input: "
+                                f'{{"path": "videos/0.mp4", "caption": "..."}} (scripts/make_synthetic_videos.py does)')
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if "path" not in row or "caption" not in row:
+                raise ValueError(f"{path}:{n}: each row needs 'path' and 'caption', got keys {sorted(row)}")
+            rows.append(row)
+    return path.parent, rows[:limit] if limit is not None else rows
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _header(cfg: PreprocessConfig, vae: Any, text: TextEncoder) -> dict[str, Any]:
+    return {
+        "vae": {"family": vae_family(vae), "class": type(vae).__name__, "path": str(cfg.vae),
+                "normalization": latent_norm(vae), "frame_multiple": frame_multiple(vae)},
+        "text_encoder": {"path": str(cfg.text_encoder), "hidden_size": text.hidden_size,
+                         "max_length": cfg.max_text_length, "pass_mask": text.pass_mask},
+        "latents": "posterior mean, normalised for the DiT input (fastpost.data.preprocess.normalize_latents)",
+        "config": asdict(cfg),
+    }
+
+
+_MUST_MATCH = ("resolutions", "max_frames", "frame_stride", "max_text_length", "samples_per_shard", "dtype")
+
+
+def _check_resume(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """A rerun may only add shards that are consistent with the ones already there."""
+    diffs = []
+    if old["vae"]["normalization"] != new["vae"]["normalization"]:
+        diffs.append(f"vae normalization {old['vae']['normalization']} -> {new['vae']['normalization']}")
+    for k in ("hidden_size", "pass_mask"):
+        if old["text_encoder"][k] != new["text_encoder"][k]:
+            diffs.append(f"text_encoder.{k} {old['text_encoder'][k]} -> {new['text_encoder'][k]}")
+    for k in _MUST_MATCH:
+        a, b = json.loads(json.dumps(old["config"].get(k))), json.loads(json.dumps(new["config"].get(k)))
+        if a != b:
+            diffs.append(f"{k} {a} -> {b}")
+    if diffs:
+        raise ConfigError(f"{root / shards.MANIFEST} was written with different settings ({'; '.join(diffs)}); "
+                          f"use a new output_dir, or rerun with the original settings to resume")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Run (or resume) preprocessing on this rank's shards; returns the merged report (written by rank 0)."""
+    t0 = time.time()
+    rank, world = _world()
+    device, dtype = _resolve_device(cfg.device), _DTYPES[cfg.dtype]
+    root = Path(cfg.output_dir)
+    base, rows = read_metadata(cfg.data, cfg.limit)
+    # Encode in fp32 and cast at storage time: the stored value is then independent of the storage dtype.
+    vae = load_vae(cfg.vae, device=device)
+    if cfg.vae_tiling:
+        vae.enable_tiling()
+    family = vae_family(vae)
+    text = TextEncoder.from_pretrained(cfg.text_encoder, family=family, pass_mask=cfg.text_encoder_pass_mask,
+                                       device=device)
+    multiple = frame_multiple(vae)
+    header = _header(cfg, vae, text)
+    if rank == 0 and not (root / shards.MANIFEST).is_file():
+        shards.create_manifest(root, header)
+    if world > 1:
+        dist.barrier()
+    old_header, entries = shards.read_manifest(root)
+    _check_resume(root, old_header, header)
+    # A shard is done only if it was made from the same inputs: a run with `limit`, or metadata that grew
+    # since, can leave a short last shard that must be redone (its newer manifest line then wins).
+    done = {e["index"]: e.get("inputs") for e in entries}
+
+    plan = [rows[i:i + cfg.samples_per_shard] for i in range(0, len(rows), cfg.samples_per_shard)]
+    mine = [i for i in range(len(plan)) if i % world == rank]
+    stats = {"rank": rank, "shards_written": 0, "shards_skipped_complete": 0, "samples_written": 0,
+             "inputs_failed": 0, "failures": []}
+    for index in mine:
+        inputs = [str(row["path"]) for row in plan[index]]
+        if done.get(index, False) == inputs:
+            stats["shards_skipped_complete"] += 1
+            continue
+        samples, failed = [], []
+        for row in plan[index]:
+            src = str(row["path"])
+            try:
+                pixels, bucket = load_pixels(base / src, cfg, multiple)
+            except Exception as e:  # any decode problem is a data problem: log, count, move on
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                log.warning("skipping unreadable input %s (%s)", base / src, msg)
+                failed.append({"source": src, "error": msg})
+                continue
+            latents = encode_video(vae, pixels).to(dtype)
+            samples.append({"latents": latents, "caption": row["caption"], "source": src, "bucket": bucket})
+        if samples:
+            embeds, mask = text.encode([s["caption"] for s in samples], cfg.max_text_length)
+            for s, e, m in zip(samples, embeds, mask):
+                s["prompt_embeds"], s["prompt_attention_mask"] = e.to(dtype), m
+            entry = shards.write_shard(root, index, samples)
+        else:  # every input failed: record the shard as done (with no file) so reruns do not retry forever
+            entry = {"type": "shard", "index": index, "file": None, "bytes": 0, "sha256": None, "samples": []}
+        entry["inputs"], entry["failed"] = inputs, failed
+        shards.append_manifest(root, entry)
+        stats["shards_written"] += 1
+        stats["samples_written"] += len(samples)
+        stats["inputs_failed"] += len(failed)
+        stats["failures"] += failed
+        log.info("rank %d wrote %s (%d samples, %d failed)", rank, entry["file"], len(samples), len(failed))
+
+    per_rank = [None] * world
+    if world > 1:
+        dist.all_gather_object(per_rank, stats)
+    else:
+        per_rank = [stats]
+    _, entries = shards.read_manifest(root)
+    report = {
+        "output_dir": str(root), "world_size": world, "shards_planned": len(plan),
+        "shards_complete": len(entries), "elapsed_s": round(time.time() - t0, 3),
+        **{k: sum(r[k] for r in per_rank) for k in
+           ("shards_written", "shards_skipped_complete", "samples_written", "inputs_failed")},
+        "failures": [f for r in per_rank for f in r["failures"]],
+        "dataset_samples": sum(len(e["samples"]) for e in entries),
+        "dataset_failed_inputs": [f for e in entries for f in e.get("failed", [])],
+        "per_rank": [{k: v for k, v in r.items() if k != "failures"} for r in per_rank],
+    }
+    if rank == 0:
+        shards.atomic_write_bytes(root / REPORT, (json.dumps(report, indent=2) + "\n").encode())
+    if world > 1:
+        dist.barrier()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="fastpost preprocess",
+        description="Encode captioned videos/images into latent shards (resumable; works under torchrun).",
+    )
+    p.add_argument("--config", help="YAML file with PreprocessConfig keys (or a job file with a 'preprocess' section)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. data=synth/metadata.jsonl output_dir=shards vae=vae_dir")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    data = load_yaml(args.config) if args.config else {}
+    if "preprocess" in data and isinstance(data["preprocess"], dict):
+        data = data["preprocess"]
+    cfg = from_dict(PreprocessConfig, apply_overrides(data, args.overrides))
+    started, rank = False, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from fastpost.distributed import init_distributed
+
+        init_distributed()
+        started = True
+    try:
+        rank = _world()[0]
+        report = preprocess(cfg)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps({k: v for k, v in report.items() if k not in ("per_rank", "dataset_failed_inputs")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
