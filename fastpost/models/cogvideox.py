@@ -1,0 +1,216 @@
+"""CogVideoX (1.0: 2b / 5b, and 1.5) on diffusers' CogVideoXTransformer3DModel, with Ulysses sequence parallelism.
+
+What the diffusers 0.42.1 forward does, and where SP goes in:
+  patch_embed(text, video) -> [text; video] tokens, split into encoder_hidden_states / hidden_states
+  blocks: per-token adaLN (CogVideoXLayerNormZero) and FF (on cat[text, video], per token); attention is the
+          only op that mixes tokens. CogVideoXAttnProcessor2_0 concatenates [text; video], applies q/k LayerNorm
+          per head, RoPE on the video part only, SDPA, one to_out projection, and splits back.
+  norm_final -> norm_out -> proj_out -> unpatchify, on video tokens only (older diffusers ran norm_final on
+  [text; video] for 1.0; a per-token LayerNorm, so the same numbers; 0.42.1 no longer concatenates)
+So: split `hidden_states` entering block 0 (pre-hook), gather it entering `norm_final` (pre-hook), and replace
+every block's processor by `CogVideoXSPAttnProcessor`, which keeps text tokens replicated and slices the
+full-sequence rotary tables to this rank's video positions exactly the way shard_sequence slices the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers import CogVideoXTransformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
+from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp, compute_dtype
+from fastpost.distributed.parallel_dims import ParallelDims
+from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks, shard_sequence
+from fastpost.models import ModelFamily
+
+_TINY = dict(
+    num_attention_heads=3,  # 3 heads: divides neither sp=2 nor sp=4, so the head padding path is always exercised
+    attention_head_dim=16,  # RoPE needs head_dim // 8 * 3 even
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=4,
+    text_embed_dim=16,
+    num_layers=2,
+    sample_width=8,
+    sample_height=8,
+    sample_frames=9,  # 3 latent frames
+    patch_size=2,
+    max_text_seq_length=8,  # 1.0 without RoPE adds a [text; video] sincos table: prompt length must equal this
+)
+# Real sizes (the transformer/config.json of THUDM/CogVideoX-2b, -5b and CogVideoX1.5-5B); unset keys are
+# diffusers' defaults: 16 latent channels, head_dim 64, text dim 4096 (T5-XXL), 226 text tokens, patch 2.
+_REAL = dict(attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096,
+             max_text_seq_length=226, patch_size=2, temporal_compression_ratio=4)
+FLAVORS = {
+    "debug": _TINY,  # 1.0-2b layout: sincos positional embedding, no RoPE
+    "debug-rotary": {**_TINY, "use_rotary_positional_embeddings": True},  # 1.0-5b layout
+    # 1.5 RoPE slices positions out of a (sample_height/p, sample_width/p) grid: latents may not be larger
+    "debug-1.5": {**_TINY, "use_rotary_positional_embeddings": True, "patch_size_t": 2, "patch_bias": False,
+                  "sample_height": 16, "sample_width": 16},
+    "2b": {**_REAL, "num_attention_heads": 30, "num_layers": 30, "sample_height": 60, "sample_width": 90,
+           "sample_frames": 49},
+    "5b": {**_REAL, "num_attention_heads": 48, "num_layers": 42, "sample_height": 60, "sample_width": 90,
+           "sample_frames": 49, "use_rotary_positional_embeddings": True},
+    "1.5-5b": {**_REAL, "num_attention_heads": 48, "num_layers": 42, "sample_height": 300, "sample_width": 300,
+               "sample_frames": 81, "patch_size_t": 2, "patch_bias": False, "use_rotary_positional_embeddings": True},
+}
+# Training noise schedule and sampler (scheduler/scheduler_config.json of the checkpoints). v-prediction DDPM
+# with zero-terminal-SNR betas; 2b shifts the SNR by 3, 5b and 1.5 do not.
+_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+              num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+              set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
+SCHEDULERS = {"default": {**_SCHED, "snr_shift_scale": 1.0},
+              "2b": {**_SCHED, "snr_shift_scale": 3.0}, "debug": {**_SCHED, "snr_shift_scale": 3.0}}
+
+
+class CogVideoXSPAttnProcessor:
+    """CogVideoXAttnProcessor2_0 with video tokens split over the SP group and text tokens replicated.
+
+    hidden_states is this rank's video chunk [B, S_local, D]; encoder_hidden_states the full text [B, T, D];
+    image_rotary_emb the full-sequence (cos, sin) tables [S, head_dim]. With SP off it computes exactly what
+    diffusers' processor does (same projections on [text; video], same RoPE, SDPA over the joint sequence).
+    """
+
+    def __init__(self, state: SPState):
+        self.state = state
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if attention_mask is not None:
+            # diffusers' CogVideoX pipelines never pass one; a [B, T+S] key mask would need re-slicing per rank
+            raise ValueError("CogVideoXSPAttnProcessor takes no attention_mask (CogVideoX attends to all tokens)")
+        n_text = encoder_hidden_states.shape[1]
+        joint_BND = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # one matmul per projection, as diffusers
+        b, n, _ = joint_BND.shape
+        heads = attn.heads
+        q_BSHD = attn.to_q(joint_BND).view(b, n, heads, -1)
+        k_BSHD = attn.to_k(joint_BND).view(b, n, heads, -1)
+        v_BSHD = attn.to_v(joint_BND).view(b, n, heads, -1)
+        if attn.norm_q is not None:  # LayerNorm over head_dim: per token and head, so layout-independent
+            q_BSHD = attn.norm_q(q_BSHD)
+        if attn.norm_k is not None:
+            k_BSHD = attn.norm_k(k_BSHD)
+
+        tq, q = q_BSHD[:, :n_text], q_BSHD[:, n_text:]
+        tk, k = k_BSHD[:, :n_text], k_BSHD[:, n_text:]
+        tv, v = v_BSHD[:, :n_text], v_BSHD[:, n_text:]
+        if image_rotary_emb is not None:
+            # the tables cover the whole video; this rank's rows, padded and chunked like its tokens
+            rope = tuple(shard_sequence(t, 0, self.state.sp) for t in image_rotary_emb)
+            q = apply_rotary_emb(q, rope, sequence_dim=1)
+            if not attn.is_cross_attention:
+                k = apply_rotary_emb(k, rope, sequence_dim=1)
+
+        out, text_out = self.state.attention(q, k, v, text=(tq, tk, tv), text_first=True)
+        joint_out = torch.cat([text_out, out], dim=1).flatten(2)
+        joint_out = attn.to_out[1](attn.to_out[0](joint_out))  # linear, dropout
+        return joint_out[:, n_text:], joint_out[:, :n_text]
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------------
+def resize_crop_region_for_grid(src: tuple[int, int], tgt_width: int, tgt_height: int):
+    """The centred crop of the base grid that the 1.0 RoPE spans (as diffusers' get_resize_crop_region_for_grid)."""
+    h, w = src
+    if h / w > tgt_height / tgt_width:
+        resize_height, resize_width = tgt_height, int(round(tgt_height / h * w))
+    else:
+        resize_width, resize_height = tgt_width, int(round(tgt_width / w * h))
+    top, left = int(round((tgt_height - resize_height) / 2.0)), int(round((tgt_width - resize_width) / 2.0))
+    return (top, left), (top + resize_height, left + resize_width)
+
+
+def rotary_embeddings(config, frames: int, height: int, width: int, device=None):
+    """(cos, sin) [F' * H' * W', head_dim] for a latent video of frames x height x width, computed like
+    CogVideoXPipeline._prepare_rotary_positional_embeddings (whose pixel sizes are latent sizes x the VAE's 8)."""
+    p, p_t = config.patch_size, config.patch_size_t
+    grid = (height // p, width // p)
+    base_h, base_w = config.sample_height // p, config.sample_width // p
+    if p_t is None:  # 1.0: linspace grid over the crop of the base grid
+        return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim,
+                                       crops_coords=resize_crop_region_for_grid(grid, base_w, base_h),
+                                       grid_size=grid, temporal_size=frames, device=device)
+    # 1.5: integer positions sliced from a max-size grid
+    return get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None, grid_size=grid,
+                                   temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
+                                   max_size=(base_h, base_w), device=device)
+
+
+def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
+    _, _, frames, height, width = latent_shape_BCFHW
+    return frames // (config.patch_size_t or 1) * (height // config.patch_size) * (width // config.patch_size)
+
+
+def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: torch.Tensor,
+            prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """The v-prediction [B, C, F, H, W] for DDPM timesteps (integers in [0, 1000)). Latents and text are cast to
+    the compute dtype, the timesteps are not. CogVideoX attends to every text token (its pipelines pad prompts
+    to 226 tokens and pass no mask), so prompt_mask_BT is not used."""
+    cfg = model.config
+    _, _, frames, height, width = noisy_latents_BCFHW.shape
+    if cfg.patch_size_t is not None and frames % cfg.patch_size_t:
+        raise ValueError(f"CogVideoX 1.5 needs latent frames divisible by patch_size_t={cfg.patch_size_t}, got "
+                         f"{frames} (the pipeline pads latents with extra frames; do that when preprocessing)")
+    if height % cfg.patch_size or width % cfg.patch_size:
+        raise ValueError(f"latent height/width {height}x{width} must be multiples of patch_size={cfg.patch_size}")
+    rotary = None
+    if cfg.use_rotary_positional_embeddings:
+        rotary = rotary_embeddings(cfg, frames, height, width, device=noisy_latents_BCFHW.device)
+    ofs = noisy_latents_BCFHW.new_full((1,), 2.0) if cfg.ofs_embed_dim else None  # 1.5 I2V, as its pipeline
+    dtype = compute_dtype(model)  # latents and text in the compute dtype; timesteps stay as given
+    out_BFCHW = model(
+        hidden_states=noisy_latents_BCFHW.permute(0, 2, 1, 3, 4).to(dtype),  # the transformer wants [B,F,C,H,W]
+        encoder_hidden_states=prompt_embeds_BTD.to(dtype),
+        timestep=timesteps_B,
+        ofs=ofs,
+        image_rotary_emb=rotary,
+        return_dict=False,
+    )[0]
+    return out_BFCHW.permute(0, 2, 1, 3, 4)
+
+
+# ---- parallelism --------------------------------------------------------------------------------------------------
+def apply_sequence_parallel(model: CogVideoXTransformer3DModel, dims: ParallelDims,
+                            attention_backend: str = "auto") -> SPState:
+    """Install the SP processors (on every block, also with SP off: then they run plain joint attention through
+    fastpost's attention backends) and, with SP on, the split/gather hooks."""
+    state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(CogVideoXSPAttnProcessor(state))
+    if state.sp is not None:
+        # block 0 is called with keyword arguments, or positionally under diffusers' own gradient checkpointing
+        install_sequence_hooks(state, model.transformer_blocks[0], split_arg="hidden_states",
+                               gather_module=model.norm_final, seq_dim=1)
+    return state
+
+
+def parallelize(model: CogVideoXTransformer3DModel, dims: ParallelDims, ac: ACConfig | None = None,
+                fsdp: FSDPConfig | None = None, attention_backend: str = "auto") -> CogVideoXTransformer3DModel:
+    # 1. sequence parallel: processors + hooks; hooks sit outside the checkpointed block, so the split runs once
+    apply_sequence_parallel(model, dims, attention_backend)
+    # 2. activation checkpointing on the transformer blocks (before FSDP so each FSDP unit is checkpointed)
+    apply_activation_checkpointing(model.transformer_blocks, ac or ACConfig())
+    # 3. FSDP2: each block, then the root (patch/time embeddings, final norms, projection)
+    apply_fsdp(model, model.transformer_blocks, dims, fsdp or FSDPConfig())
+    return model
+
+
+FAMILY = ModelFamily(
+    name="cogvideox",
+    diffusers_class=CogVideoXTransformer3DModel,
+    block_class=CogVideoXBlock,
+    pipeline_class="CogVideoXPipeline",
+    flavors=FLAVORS,
+    prediction_type="v_prediction",
+    scheduler_class="CogVideoXDDIMScheduler",
+    scheduler_configs=SCHEDULERS,
+    parallelize_fn=parallelize,
+    sequence_parallel_fn=apply_sequence_parallel,
+    video_tokens_fn=video_tokens,
+    predict_fn=predict,
+    notes=dict(vae_class="AutoencoderKLCogVideoX", text_encoder="T5EncoderModel (t5-v1_1-xxl)", max_text_tokens=226,
+               text_mask_used=False, latent_layout="BCFHW (transformer: BFCHW)"),
+)

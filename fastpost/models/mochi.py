@@ -1,0 +1,185 @@
+"""Mochi-1 on diffusers' MochiTransformer3DModel, with Ulysses sequence parallelism.
+
+What the diffusers 0.42.1 forward does, and where SP goes in:
+  time_embed(t, text, mask) -> temb and projected text (attention pooling over valid tokens; replicated)
+  patch_embed per frame -> video tokens [B, F*H'*W', D]; MochiRoPE(pos_frequencies) -> (cos, sin) [S, H, D/2]
+  blocks: per-token modulated RMSNorms and FFs; MochiAttnProcessor2_0 projects video (to_q/k/v) and text
+          (add_q/k/v_proj) separately, RMS-normalises q/k per head, applies RoPE to the video only, then attends
+          *per sample* over [video; that sample's valid text tokens] and returns the text output compacted to the
+          front (valid outputs first, zeros after), whatever the mask's pattern. The last block is
+          context_pre_only: no to_add_out, its text output is discarded.
+  norm_out -> proj_out -> unpatchify
+So: split `hidden_states` entering block 0, gather it entering `norm_out`, and replace every block's processor by
+`MochiSPAttnProcessor`. RoPE tables are computed from the full sequence (pos_frequencies is a trained parameter)
+and sliced per rank like the tokens; the per-sample loop runs identically on every rank (the mask is replicated).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import MochiTransformer3DModel
+from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
+
+from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
+from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp, compute_dtype
+from fastpost.distributed.parallel_dims import ParallelDims
+from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks, shard_sequence
+from fastpost.models import ModelFamily
+
+FLAVORS = {
+    "debug": dict(
+        patch_size=2,
+        num_attention_heads=3,  # divides neither sp=2 nor sp=4: the head padding path is always exercised
+        attention_head_dim=8,
+        num_layers=2,  # the last block is context_pre_only, so 2 layers cover both block kinds
+        pooled_projection_dim=16,
+        in_channels=4,
+        qk_norm="rms_norm",
+        text_embed_dim=16,  # the caption attention pool has 8 heads: must be a multiple of 8
+        time_embed_dim=4,
+        activation_fn="swiglu",
+        max_sequence_length=16,
+    ),
+    # genmo/mochi-1-preview transformer/config.json: 12 latent channels, T5-XXL text (4096), 256 text tokens
+    "mochi-1": dict(patch_size=2, num_attention_heads=24, attention_head_dim=128, num_layers=48,
+                    pooled_projection_dim=1536, in_channels=12, qk_norm="rms_norm", text_embed_dim=4096,
+                    time_embed_dim=256, activation_fn="swiglu", max_sequence_length=256),
+}
+# fastpost's flow-matching convention (see predict): x_t = (1 - s) x0 + s noise, t = 1000 s, target noise - x0.
+# A plain (non-inverted) FlowMatchEulerDiscreteScheduler integrates it; the checkpoint ships invert_sigmas=True
+# because Mochi itself is called with 1000 (1 - s) and predicts x0 - noise, which predict() translates.
+SCHEDULERS = {"default": dict(num_train_timesteps=1000, shift=1.0, invert_sigmas=False,
+                              use_dynamic_shifting=False)}
+
+
+def _rope(x_BSHD: torch.Tensor, cos_SHD: torch.Tensor, sin_SHD: torch.Tensor) -> torch.Tensor:
+    """Mochi's interleaved RoPE (pairs are (even, odd) channels), in fp32 like diffusers."""
+    even, odd = x_BSHD[..., 0::2].float(), x_BSHD[..., 1::2].float()
+    real = (even * cos_SHD - odd * sin_SHD).to(x_BSHD.dtype)
+    imag = (even * sin_SHD + odd * cos_SHD).to(x_BSHD.dtype)
+    return torch.stack([real, imag], dim=-1).flatten(-2)
+
+
+class MochiSPAttnProcessor:
+    """MochiAttnProcessor2_0 with video tokens split over the SP group and text tokens replicated.
+
+    hidden_states: this rank's video chunk [B, S_local, D]; encoder_hidden_states: full text [B, T, D_text];
+    attention_mask: [B, T] valid text tokens; image_rotary_emb: full-sequence (cos, sin) [S, H, head_dim/2].
+    """
+
+    def __init__(self, state: SPState):
+        self.state = state
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor, image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+        heads = attn.heads
+        q = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (heads, -1)))  # BSHD
+        k = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (heads, -1)))
+        v = attn.to_v(hidden_states).unflatten(2, (heads, -1))
+        tq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(2, (heads, -1)))
+        tk = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(2, (heads, -1)))
+        tv = attn.add_v_proj(encoder_hidden_states).unflatten(2, (heads, -1))
+        if image_rotary_emb is not None:
+            cos, sin = (shard_sequence(t, 0, self.state.sp) for t in image_rotary_emb)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+
+        n_text = tq.shape[1]
+        valid = attention_mask.bool()
+        if bool((valid == valid[:1]).all()):
+            # every sample has the same valid tokens: one batched call equals diffusers' per-sample loop
+            out, text_out = self._attend(q, k, v, tq, tk, tv, valid[0], n_text)
+        else:
+            outs = [self._attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], tq[i:i + 1], tk[i:i + 1], tv[i:i + 1],
+                                 valid[i], n_text) for i in range(q.shape[0])]
+            out, text_out = torch.cat([o for o, _ in outs]), torch.cat([t for _, t in outs])
+
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2)))  # linear, dropout
+        text_out = text_out.flatten(2)
+        if hasattr(attn, "to_add_out"):  # absent in the last (context_pre_only) block
+            text_out = attn.to_add_out(text_out)
+        return out, text_out
+
+    def _attend(self, q, k, v, tq, tk, tv, valid_T: torch.Tensor, n_text: int):
+        """Attention over [video; valid text]; the text output is compacted to the front and zero-padded to n_text
+        (diffusers' layout, also for masks that are not a prefix)."""
+        idx = torch.nonzero(valid_T, as_tuple=False).flatten()
+        if idx.numel() == 0:  # e.g. the zero mask of an empty negative prompt: video-only attention
+            return self.state.attention(q, k, v), tq.new_zeros(tq.shape)
+        text = (tq[:, idx], tk[:, idx], tv[:, idx])
+        out, text_out = self.state.attention(q, k, v, text=text, text_first=False)
+        return out, F.pad(text_out, (0, 0, 0, 0, 0, n_text - idx.numel()))
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------------
+def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
+    _, _, frames, height, width = latent_shape_BCFHW
+    return frames * (height // config.patch_size) * (width // config.patch_size)
+
+
+def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: torch.Tensor,
+            prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Flow-matching velocity noise - x0 [B, C, F, H, W] at t = 1000 * sigma (x_t = (1 - sigma) x0 + sigma noise).
+
+    Mochi is called the way MochiPipeline calls it: with timestep 1000 * (1 - sigma) (its scheduler inverts the
+    sigmas), and it predicts x0 - noise; both are translated here so recipes see one convention for all flow
+    families. prompt_mask_BT marks valid text tokens (all-false is allowed: an empty prompt)."""
+    if prompt_mask_BT is None:
+        raise ValueError("Mochi needs prompt_mask_BT: it attends only to valid text tokens")
+    p = model.config.patch_size
+    if noisy_latents_BCFHW.shape[-2] % p or noisy_latents_BCFHW.shape[-1] % p:
+        raise ValueError(f"latent height/width {tuple(noisy_latents_BCFHW.shape[-2:])} must be multiples of {p}")
+    dtype = compute_dtype(model)  # latents and text in the compute dtype; the timestep stays fp32
+    out = model(
+        hidden_states=noisy_latents_BCFHW.to(dtype),  # Mochi takes [B, C, F, H, W] itself
+        encoder_hidden_states=prompt_embeds_BTD.to(dtype),
+        timestep=1000.0 - timesteps_B.float(),
+        encoder_attention_mask=prompt_mask_BT.bool(),
+        return_dict=False,
+    )[0]
+    return -out
+
+
+# ---- parallelism --------------------------------------------------------------------------------------------------
+def apply_sequence_parallel(model: MochiTransformer3DModel, dims: ParallelDims,
+                            attention_backend: str = "auto") -> SPState:
+    """Install the SP processors (on every block, also with SP off: then they run diffusers' per-sample joint
+    attention through fastpost's attention backends) and, with SP on, the split/gather hooks."""
+    state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
+    for block in model.transformer_blocks:
+        block.attn1.processor = MochiSPAttnProcessor(state)  # MochiAttention is a plain module: no set_processor
+    if state.sp is not None:
+        install_sequence_hooks(state, model.transformer_blocks[0], split_arg="hidden_states",
+                               gather_module=model.norm_out, seq_dim=1)
+    return state
+
+
+def parallelize(model: MochiTransformer3DModel, dims: ParallelDims, ac: ACConfig | None = None,
+                fsdp: FSDPConfig | None = None, attention_backend: str = "auto") -> MochiTransformer3DModel:
+    # 1. sequence parallel: processors + hooks; hooks sit outside the checkpointed block, so the split runs once
+    apply_sequence_parallel(model, dims, attention_backend)
+    # 2. activation checkpointing on the transformer blocks (before FSDP so each FSDP unit is checkpointed)
+    apply_activation_checkpointing(model.transformer_blocks, ac or ACConfig())
+    # 3. FSDP2: each block, then the root (embeddings, pos_frequencies, norm_out, proj_out)
+    apply_fsdp(model, model.transformer_blocks, dims, fsdp or FSDPConfig())
+    return model
+
+
+FAMILY = ModelFamily(
+    name="mochi",
+    diffusers_class=MochiTransformer3DModel,
+    block_class=MochiTransformerBlock,
+    pipeline_class="MochiPipeline",
+    flavors=FLAVORS,
+    prediction_type="flow_matching",
+    scheduler_class="FlowMatchEulerDiscreteScheduler",
+    scheduler_configs=SCHEDULERS,
+    parallelize_fn=parallelize,
+    sequence_parallel_fn=apply_sequence_parallel,
+    video_tokens_fn=video_tokens,
+    predict_fn=predict,
+    notes=dict(vae_class="AutoencoderKLMochi", text_encoder="T5EncoderModel (t5-v1_1-xxl)", max_text_tokens=256,
+               text_mask_used=True, latent_layout="BCFHW",
+               model_convention="timestep 1000 * (1 - sigma), predicts x0 - noise (predict() translates)"),
+)
