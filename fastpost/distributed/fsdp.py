@@ -8,14 +8,19 @@ all-reduces across replicas.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from fastpost.distributed.parallel_dims import ParallelDims
+
+# diffusers models return views of their output; fastpost never modifies a model output in place, which is the
+# only case the warning is about.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,15 +38,41 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], dims: ParallelDims
     mesh = dims.submesh("fsdp_hsdp") if dims.hsdp_enabled else dims.submesh("fsdp")
     if mesh is None:
         return model
+    # cast_forward_inputs=False: FSDP would cast *every* float input to param_dtype, timesteps included (bf16 turns
+    # 999 into 1000; measured 6-21% output change on Mochi). Models cast latents/embeddings via compute_dtype().
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype],
+                                  cast_forward_inputs=False)
+    model._fastpost_compute_dtype = DTYPES[cfg.param_dtype]
     kwargs = dict(
         mesh=mesh,
-        mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype]),
+        mp_policy=policy,
         # pinned host memory needs an accelerator: CPUOffloadPolicy() fails on CPU-only machines
         offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy(),
     )
     blocks = list(blocks)
+    # Backward starts with the last block, so resharding it after forward would only re-gather it at once. A model
+    # that never runs backward (a frozen teacher, an EMA target) must reshard it, or it would stay gathered.
+    trains = any(p.requires_grad for p in model.parameters())
     for i, block in enumerate(blocks):
-        # backward starts with the last block, so resharding it after forward would only re-gather it at once
-        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward and i < len(blocks) - 1, **kwargs)
+        last = i == len(blocks) - 1
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward and not (trains and last), **kwargs)
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     return model
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: FSDP's param_dtype if sharded with mixed precision, else its weights'."""
+    dtype = getattr(model, "_fastpost_compute_dtype", None)
+    return dtype if dtype is not None else next(model.parameters()).dtype
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP unit (no-op without FSDP).
+
+    Needed after a forward-only pass of a model whose sharded weights are then changed in place (an EMA target):
+    FSDP keeps the root unsharded after forward, expecting backward, and the next forward would reuse that
+    stale gathered copy instead of gathering the updated shards.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -95,8 +95,9 @@ class ToyDiT(nn.Module):
         n = x_BNC.shape[1]
         if n > self.cfg.max_tokens:
             raise ValueError(f"{n} video tokens exceed ToyDiTConfig.max_tokens={self.cfg.max_tokens}")
-        x = self.x_embed(x_BNC) + self.pos_embed[:n]
-        text = self.text_embed(text_BTC)
+        dtype = self.x_embed.weight.dtype  # the compute dtype (bf16 under FSDP mixed precision)
+        x = self.x_embed(x_BNC.to(dtype)) + self.pos_embed[:n]
+        text = self.text_embed(text_BTC.to(dtype))
         c = self.t_embed(self.timestep_features(t_B).to(x.dtype))
         for block in self.blocks:
             x, text = block(x, text, c)
