@@ -3,9 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
+
+
+def _train(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="fastpost train", description="Train from a job file (torchrun-compatible)")
+    p.add_argument("--config", required=True, help="job file, e.g. configs/cogvideox/lora_debug.yaml")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory (= checkpoint.resume)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 parallel.ulysses=2")
+    args = p.parse_args(argv)
+    from fastpost.config import load_config
+    from fastpost.trainer import TrainConfig, Trainer
+
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    trainer = Trainer(load_config(TrainConfig, args.config, overrides))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+
+def _preprocess(argv: list[str]) -> None:
+    from fastpost.data.preprocess import main
+
+    raise SystemExit(main(argv))
+
+
+def _sample(argv: list[str]) -> None:
+    from fastpost.sampling import main
+
+    raise SystemExit(main(argv))
 
 
 def _toy_train(argv: list[str]) -> None:
@@ -15,23 +42,12 @@ def _toy_train(argv: list[str]) -> None:
 
 
 def _demo(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="fastpost demo", description="End-to-end CPU demo")
-    p.add_argument("--workdir", default="outputs/demo")
-    p.add_argument("--nproc", type=int, default=4)
-    p.add_argument("--ulysses", type=int, default=2)
-    p.add_argument("--steps", type=int, default=150)
-    args = p.parse_args(argv)
-    os.makedirs(args.workdir, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-        "-m", "fastpost.cli", "toy-train", f"--ulysses={args.ulysses}", f"--steps={args.steps}",
-        f"--out={os.path.join(args.workdir, 'toy_train_metrics.jsonl')}",
-    ]
-    print("[demo] parallel core: toy DiT, FSDP2 x Ulysses SP on CPU gloo:", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from fastpost.demo import main
+
+    main(argv)
 
 
-COMMANDS = {"demo": _demo, "toy-train": _toy_train}
+COMMANDS = {"train": _train, "preprocess": _preprocess, "sample": _sample, "demo": _demo, "toy-train": _toy_train}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,5 @@
 """FSDP2 (+ Ulysses, HSDP, ring, offload, LoRA, bf16) training equals single-process training after 3 AdamW steps."""
 
-import copy
 
 import pytest
 import torch

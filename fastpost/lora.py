@@ -1,0 +1,97 @@
+"""LoRA via peft on diffusers transformers: injection before sharding, diffusers-format export and import.
+
+Export writes `pytorch_lora_weights.safetensors` with keys `transformer.<module>.lora_A.weight`, the format
+`Pipeline.load_lora_weights(dir)` and `transformer.load_lora_adapter(dir, prefix="transformer")` read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# Attention projections inside the transformer blocks. Anchored on "transformer_blocks" because a bare "to_q"
+# also matches Mochi's time_embed.pooler.to_q (measured), which LoRA recipes do not mean to train.
+DEFAULT_TARGETS = r".*transformer_blocks\.\d+\.attn1?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)$"
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # a regex (peft matches it against full module names) or a list of module-name suffixes
+    target_modules: str | list[str] = DEFAULT_TARGETS
+    init: str = "gaussian"  # peft init_lora_weights: "gaussian" (B = 0, so training starts at the base model)
+    extra: dict = field(default_factory=dict)  # passed to peft.LoraConfig as is
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Add a LoRA adapter (named "default") and freeze everything else. Call before parallelize()."""
+    from peft import LoraConfig
+
+    lora_config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        init_lora_weights=True if cfg.init == "default" else cfg.init, **cfg.extra,
+    )
+    model.requires_grad_(False)
+    if hasattr(model, "add_adapter"):  # diffusers PeftAdapterMixin keeps the model class (save_pretrained etc.)
+        model.add_adapter(lora_config)
+    else:
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(lora_config, model)
+    trainable = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+        trainable += p.numel() if p.requires_grad else 0
+    if trainable == 0:
+        raise ValueError(f"LoRA target_modules {cfg.target_modules!r} matched no module of {type(model).__name__}")
+    return model
+
+
+def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict on rank 0 (empty elsewhere); a collective when the model is FSDP-sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        sd = model.state_dict()
+        return {k: v for k, v in sd.items() if not trainable_only or "lora_" in k}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """peft-format adapter weights (no ".default" adapter names) on rank 0; collective under FSDP."""
+    from peft import get_peft_model_state_dict
+
+    full = full_state_dict(model, trainable_only=True)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    return get_peft_model_state_dict(model, state_dict=full)
+
+
+def export_lora(model: nn.Module, out_dir: str | Path, pipeline_class: str) -> Path | None:
+    """Write diffusers-format LoRA weights (rank 0); every rank must call it. Returns the file on rank 0."""
+    import diffusers
+
+    layers = lora_state_dict(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    out_dir = Path(out_dir)
+    getattr(diffusers, pipeline_class).save_lora_weights(out_dir, transformer_lora_layers=layers)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def load_lora(model: nn.Module, lora_dir: str | Path) -> nn.Module:
+    """Load diffusers-format LoRA weights into a diffusers transformer (for sampling or further training)."""
+    path = Path(lora_dir)
+    if not (path / "pytorch_lora_weights.safetensors").is_file():
+        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {str(path)!r}; pass a directory written by "
+                                f"fastpost's LoRA export or diffusers' save_lora_weights")
+    model.load_lora_adapter(str(path), prefix="transformer")
+    return model
