@@ -83,7 +83,11 @@ def export_lora(model: nn.Module, out_dir: str | Path, pipeline_class: str) -> P
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     out_dir = Path(out_dir)
-    getattr(diffusers, pipeline_class).save_lora_weights(out_dir, transformer_lora_layers=layers)
+    # The adapter config travels as safetensors metadata; without it a reload assumes alpha = rank and silently
+    # rescales the adapter (measured: rank 4, alpha 8 trained at scale 2.0, reloaded at 1.0).
+    metadata = model.peft_config["default"].to_dict()
+    getattr(diffusers, pipeline_class).save_lora_weights(out_dir, transformer_lora_layers=layers,
+                                                         transformer_lora_adapter_metadata=metadata)
     return out_dir / "pytorch_lora_weights.safetensors"
 
 
@@ -93,5 +97,5 @@ def load_lora(model: nn.Module, lora_dir: str | Path) -> nn.Module:
     if not (path / "pytorch_lora_weights.safetensors").is_file():
         raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {str(path)!r}; pass a directory written by "
                                 f"fastpost's LoRA export or diffusers' save_lora_weights")
-    model.load_lora_adapter(str(path), prefix="transformer")
+    model.load_lora_adapter(str(path), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
     return model
