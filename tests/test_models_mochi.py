@@ -13,11 +13,16 @@ import torch
 from fastpost.distributed import ParallelDims
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models import get_family
-from fastpost.models._parity import Batch, make_model, parallel_errors, reference, train_export_errors
+from fastpost.models._parity import (
+    Batch, make_model, parallel_errors, precision_floor, reference, train_export_errors,
+)
 from fastpost.testing import run_distributed
 
 TOL = 1e-5
-BF16_TOL = 0.1  # relative; measured 0.015 (output), 0.072 (grads); one process with bf16 weights: 0.014, 0.063
+# bf16: SP + FSDP mixed precision may cost at most this factor over one process with bf16 weights (the precision
+# floor, measured in the same test). Measured ratio 0.95-1.0 (SP adds nothing); rounding the timesteps to bf16
+# (the bug apply_fsdp's cast_forward_inputs=False fixes) gave ~19.
+BF16_FACTOR = 1.5
 FAMILY = get_family("mochi")
 MASKS = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1],
                       [1, 1, 1, 0, 0, 0, 0, 0],
@@ -27,7 +32,7 @@ MASKS = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1],
 
 def make_batch(seed: int = 0, uniform_mask: bool = False) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(4, 4, 3, 6, 10, generator=g)
+    latents = torch.randn(4, 12, 3, 6, 10, generator=g)
     mask = MASKS[1:2].expand(4, -1) if uniform_mask else MASKS  # uniform: the batched fast path
     return Batch(latents, torch.rand(4, generator=g) * 1000, torch.randn(4, 8, 16, generator=g), mask,
                  torch.randn(latents.shape, generator=g))
@@ -50,8 +55,10 @@ def _world2(rank, world, out_dir):
         results[f"{name} sp2 no-fsdp"], _ = parallel_errors(FAMILY, init, pred, grads, dims, batch, sp_only=True)
         # bf16 compute / fp32 reduce (FSDP mixed precision): relative error vs the fp32 reference. Arbitrary float
         # timesteps on purpose: apply_fsdp must not round them to bf16 (that alone moved the output by 21%).
-        bf16[f"{name} sp2 fsdp bf16"], _ = parallel_errors(FAMILY, init, pred, grads, dims, batch,
-                                                          relative=True, fsdp=FSDPConfig(param_dtype="bfloat16"))
+        errs, _ = parallel_errors(FAMILY, init, pred, grads, dims, batch, relative=True,
+                                  fsdp=FSDPConfig(param_dtype="bfloat16"))
+        floor = precision_floor(FAMILY, init, pred, grads, batch)
+        bf16[f"{name} sp2 fsdp bf16 / one-process bf16"] = {k: errs[k] / floor[k] for k in errs}
         if name != "mixed-mask":
             continue
         for ac in ("full", "selective"):  # fastpost AC must not change a single gradient
@@ -61,7 +68,7 @@ def _world2(rank, world, out_dir):
         results[f"{name} sp2 diffusers-gc"], _ = parallel_errors(FAMILY, init, pred, grads, dims, batch,
                                                                  sp_only=True, diffusers_gc=True)
     _check(results, rank)
-    _check(bf16, rank, BF16_TOL)
+    _check(bf16, rank, BF16_FACTOR)
 
 
 def _world4(rank, world, out_dir):

@@ -185,3 +185,16 @@ def train_export_errors(family: ModelFamily, flavor: str, dims: ParallelDims, ba
         errors["exported_vs_reference_params"] = max(
             _max_diff(p.detach(), dict(ref.named_parameters())[n].detach()) for n, p in loaded.named_parameters())
     return errors
+
+
+def precision_floor(family: ModelFamily, init: nn.Module, ref_pred: torch.Tensor, ref_grads: dict, batch: Batch,
+                    dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Relative {"output", "grad"} errors of the plain model run in one process with weights in `dtype`: what the
+    precision alone costs, the floor a parallel run in that precision is compared with."""
+    model = copy.deepcopy(init).to(dtype)
+    pred = forward_backward(family, model, batch)  # predict() casts latents/text to the weights' dtype
+    pairs = [(p.grad.float() if p.grad is not None else torch.zeros_like(ref_grads[n]), ref_grads[n])
+             for n, p in model.named_parameters() if ref_grads[n] is not None]
+    return {"output": ((pred.float() - ref_pred).norm() / ref_pred.norm()).item(),
+            "grad": (sum(((g - r) ** 2).sum() for g, r in pairs).sqrt()
+                     / sum((r ** 2).sum() for _, r in pairs).sqrt()).item()}
