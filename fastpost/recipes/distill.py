@@ -1,0 +1,296 @@
+"""Phased consistency distillation (PCM; M = 1 is latent-consistency / LCD style) for flow-matching and
+v-prediction teachers.
+
+Notation. The teacher's ODE is discretised on a grid of N+1 points i = 0 (pure noise) ... N (clean data). At
+point i a noisy latent is x_i = a_i x0 + b_i eps (flow matching: a = 1 - sigma, b = sigma; v-prediction/VP:
+a = sqrt(alphabar), b = sqrt(1 - alphabar)). A model prediction at point i gives estimates (x0_hat, eps_hat),
+and one deterministic DDIM step to point j is
+    ddim(x, pred, i -> j) = a_j x0_hat + b_j eps_hat          (for flow matching: x + (sigma_j - sigma_i) v).
+The grid is cut into M phases at edges e_0 = 0 < e_1 < ... < e_M = N. Inside phase m the consistency function
+maps any point to the phase's end:  f_theta(x_i, i) = ddim(x_i, v_theta(x_i, i), i -> e_{m+1}),
+so f(x, e_{m+1}) = x holds by construction (the boundary condition).
+
+Training step, for data x0, noise eps, a grid index n ~ U{0..N-1} in phase m, skip k:
+    x_n        = a_n x0 + b_n eps
+    x_hat      = ddim(x_n, v_teacher^w(x_n, n), n -> n'),   n' = min(n + k, e_{m+1})   (teacher, CFG scale w)
+    target     = f_{theta^-}(x_hat, n')                     (theta^- = EMA of theta, or theta without grad)
+    loss       = pseudo_huber(f_theta(x_n, n), target, c)  = sqrt(mean((f - target)^2) + c^2) - c  per sample
+Sampling with the student is the same DDIM map from edge to edge (`phased_sample`), M steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from fastpost.distributed.fsdp import reshard_all
+from fastpost.recipes import Recipe, RecipeContext
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None  # teacher weights (diffusers dir); None: the student's starting model
+    num_teacher_steps: int = 50  # N, the teacher ODE grid
+    phases: int = 4  # M; 1 = single-phase consistency (LCD)
+    skip_steps: int = 1  # k, grid steps per teacher solver step
+    schedule: Literal["uniform", "linear_quadratic"] = "uniform"  # flow matching grid; VP uses even DDPM steps
+    lq_threshold: float = 0.025  # linear-quadratic: sigma reached at the end of the linear part
+    lq_linear_steps: int | None = None  # linear part length (default N // 2), as in Mochi's sampler
+    huber_c: float = 1e-3
+    target: Literal["ema", "student"] = "ema"
+    ema_decay: float = 0.95
+    guidance_min: float = 1.0  # teacher CFG scale w ~ U[min, max] per batch; 1.0 = no guidance
+    guidance_max: float = 1.0
+    negative_text_encoder: str | None = None  # encodes "" for the unconditional branch; None: zero embeddings
+
+
+# ---- the grid ----------------------------------------------------------------------------------------------------
+@dataclass
+class OdeGrid:
+    """N+1 points from noise (0) to data (N): signal/noise coefficients and the model's timestep input."""
+
+    a: torch.Tensor  # [N+1]
+    b: torch.Tensor  # [N+1]
+    model_t: torch.Tensor  # [N+1] timestep fed to the model (its value at point N never matters)
+    prediction_type: str
+
+    @property
+    def steps(self) -> int:
+        return len(self.a) - 1
+
+    def coeffs(self, idx: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (-1, *([1] * (like.dim() - 1)))
+        return self.a[idx].view(shape), self.b[idx].view(shape)
+
+    def estimates(self, x: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor):
+        """(x0_hat, eps_hat) from a model prediction at points idx."""
+        a, b = self.coeffs(idx, x)
+        if self.prediction_type == "flow_matching":  # pred = eps - x0, x = (1 - s) x0 + s eps, b = s
+            return x - b * pred, x + a * pred
+        return a * x - b * pred, b * x + a * pred  # VP v-prediction: v = a eps - b x0
+
+    def ddim(self, x: torch.Tensor, pred: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        x0, eps = self.estimates(x, pred, src)
+        a, b = self.coeffs(dst, x)
+        return a * x0 + b * eps
+
+
+def linear_quadratic_sigmas(n: int, threshold: float, linear_steps: int | None = None) -> list[float]:
+    """Mochi's schedule: sigma falls linearly to `threshold` over the first half, then quadratically to 0."""
+    linear_steps = n // 2 if linear_steps is None else linear_steps
+    lin = [i * threshold / linear_steps for i in range(linear_steps)]
+    diff = linear_steps - threshold * n
+    quad_steps = n - linear_steps
+    qc = diff / (linear_steps * quad_steps**2)
+    lc = threshold / linear_steps - 2 * diff / quad_steps**2
+    const = qc * linear_steps**2
+    quad = [qc * i**2 + lc * i + const for i in range(linear_steps, n)]
+    return [1.0 - s for s in lin + quad]
+
+
+def make_grid(family, flavor: str | None, n: int, schedule: str = "uniform", lq_threshold: float = 0.025,
+              lq_linear_steps: int | None = None, scheduler_config: dict | None = None) -> OdeGrid:
+    """The teacher's ODE grid; VP alphas come from `scheduler_config` if given, else the flavor's scheduler."""
+    if family.prediction_type == "flow_matching":
+        if schedule == "linear_quadratic":
+            sigmas = torch.tensor(linear_quadratic_sigmas(n, lq_threshold, lq_linear_steps) + [0.0])
+        else:
+            sigmas = torch.linspace(1.0, 0.0, n + 1)
+        sigmas = sigmas.double()
+        return OdeGrid(1 - sigmas, sigmas, sigmas * 1000, "flow_matching")
+    if scheduler_config is not None:
+        import diffusers
+
+        scheduler = getattr(diffusers, family.scheduler_class).from_config(scheduler_config)
+    else:
+        scheduler = family.make_scheduler(flavor)
+    alphas = scheduler.alphas_cumprod.double()
+    t = torch.from_numpy(np.linspace(len(alphas) - 1, 0, n).round().astype(np.int64))
+    abar = torch.cat([alphas[t], torch.ones(1, dtype=torch.float64)])  # the clean end: alphabar = 1
+    return OdeGrid(abar.sqrt(), (1 - abar).sqrt(), torch.cat([t, torch.zeros(1, dtype=torch.int64)]), "v_prediction")
+
+
+def phase_edges(n: int, phases: int) -> torch.Tensor:
+    if not 1 <= phases <= n:
+        raise ValueError(f"phases must be in [1, num_teacher_steps={n}], got {phases}")
+    return torch.tensor([round(m * n / phases) for m in range(phases + 1)])
+
+
+def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+    """Per-sample sqrt(mean((x - y)^2) + c^2) - c, averaged over the batch (mean, so c is size-independent)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
+    return ((mse + c * c).sqrt() - c).mean()
+
+
+# ---- model calls -------------------------------------------------------------------------------------------------
+def guided_prediction(family, model, grid: OdeGrid, x, idx, embeds, mask, w: float, neg=None):
+    """Model prediction at grid points idx; with w != 1 the classifier-free-guided one (one batched pass)."""
+    t = grid.model_t[idx].to(torch.float32 if grid.prediction_type == "flow_matching" else torch.int64)
+    if w == 1.0:
+        return family.predict(model, x.float(), t, embeds, mask).double()
+    neg_embeds, neg_mask = neg
+    out = family.predict(model, torch.cat([x, x]).float(), torch.cat([t, t]), torch.cat([neg_embeds, embeds]),
+                         torch.cat([neg_mask, mask]))
+    uncond, cond = out.double().chunk(2)
+    return uncond + w * (cond - uncond)
+
+
+@torch.no_grad()
+def phased_sample(family, model, grid: OdeGrid, edges: torch.Tensor, noise: torch.Tensor, embeds, mask,
+                  w: float = 1.0, neg=None) -> torch.Tensor:
+    """Deterministic multi-phase sampler: one DDIM jump per phase, from grid point edges[0]=0 to edges[-1]=N.
+
+    With the student it is the few-step sampler; with the teacher and edges = 0..N it is its N-step DDIM/Euler.
+    """
+    x = grid.b[0] * noise.double()  # point 0 is (almost) pure noise: a_0 = 0 for flow and zero-terminal-SNR VP
+    for src, dst in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        idx = torch.full((x.shape[0],), src)
+        pred = guided_prediction(family, model, grid, x, idx, embeds, mask, w, neg)
+        x = grid.ddim(x, pred, idx, torch.full((x.shape[0],), dst))
+    return x.float()
+
+
+def even_edges(n: int, steps: int) -> torch.Tensor:
+    """`steps` DDIM jumps spread evenly over an n-point grid (the teacher's k-step sampler)."""
+    return phase_edges(n, steps)
+
+
+# ---- the recipe --------------------------------------------------------------------------------------------------
+class Distill(Recipe):
+    Config = DistillConfig
+
+    def __init__(self, cfg: DistillConfig, ctx: RecipeContext):
+        super().__init__(cfg, ctx)
+        if cfg.skip_steps < 1:
+            raise ValueError(f"recipe_args.skip_steps must be >= 1, got {cfg.skip_steps}")
+        if not 1.0 <= cfg.guidance_min <= cfg.guidance_max:
+            raise ValueError(f"need 1 <= guidance_min <= guidance_max, got {cfg.guidance_min}, {cfg.guidance_max}")
+        tc = ctx.train_cfg
+        self.family, self.student = ctx.family, ctx.model
+        self.grid = make_grid(self.family, tc.model.flavor, cfg.num_teacher_steps, cfg.schedule, cfg.lq_threshold,
+                              cfg.lq_linear_steps)
+        self.edges = phase_edges(cfg.num_teacher_steps, cfg.phases)
+        # phase_end[i] = the edge that ends the phase containing grid point i
+        self.phase_end = torch.tensor([int(self.edges[self.edges > i].min()) for i in range(cfg.num_teacher_steps)])
+        self.teacher = self._build(cfg.teacher or tc.model.pretrained, lora=False)
+        self.trainable = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
+        self.target = None
+        if cfg.target == "ema":
+            self.target = self._build(tc.model.pretrained, lora=tc.lora.enabled)
+            self.target_params = {n: p for n, p in self.target.named_parameters() if n in self.trainable}
+            with torch.no_grad():
+                for n, p in self.target_params.items():
+                    p.copy_(self.trainable[n])
+        self._neg = None
+
+    def _build(self, pretrained: str | None, lora: bool) -> torch.nn.Module:
+        """Another copy of the model (teacher or EMA target), sharded like the student."""
+        from fastpost.distributed.activation_checkpoint import ACConfig
+        from fastpost.lora import inject_lora
+
+        tc = self.ctx.train_cfg
+        torch.manual_seed(tc.model.init_seed)
+        model = self.family.load(pretrained, tc.model.flavor)
+        if lora:
+            inject_lora(model, tc.lora)
+        model.requires_grad_(False)  # forward-only: FSDP then reshards every unit after forward
+        return self.family.parallelize(model, self.ctx.dims, ACConfig(), tc.fsdp, tc.model.attention_backend)
+
+    def negative(self, embeds: torch.Tensor, mask: torch.Tensor):
+        """Unconditional embeddings for CFG: the text encoder's "" if configured, else zeros with an empty mask."""
+        if self._neg is None:
+            if self.cfg.negative_text_encoder:
+                from fastpost.data.text import TextEncoder
+
+                enc = TextEncoder.from_pretrained(self.cfg.negative_text_encoder, family=self.family.name)
+                self._neg = enc.encode([""], embeds.shape[1])
+            else:
+                self._neg = (torch.zeros_like(embeds[:1]), torch.zeros_like(mask[:1]))
+        e, m = self._neg
+        return e.to(embeds.dtype).expand_as(embeds), m.to(mask.dtype).expand_as(mask)
+
+    def loss(self, batch, generator):
+        cfg, grid = self.cfg, self.grid
+        x0 = batch["latents"].double()
+        embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
+        bsz = x0.shape[0]
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        n = torch.randint(0, cfg.num_teacher_steps, (bsz,), generator=generator)
+        w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand((), generator=generator).item()
+        edge = self.phase_end[n]
+        n_next = torch.minimum(n + cfg.skip_steps, edge)
+        a, b = grid.coeffs(n, x0)
+        x_n = a * x0 + b * eps
+        neg = self.negative(embeds, mask) if w != 1.0 else None
+        with torch.no_grad():
+            teacher_pred = guided_prediction(self.family, self.teacher, grid, x_n, n, embeds, mask, w, neg)
+            x_hat = grid.ddim(x_n, teacher_pred, n, n_next)
+            target_model = self.target if self.target is not None else self.student
+            target_pred = guided_prediction(self.family, target_model, grid, x_hat, n_next, embeds, mask, 1.0)
+            target = grid.ddim(x_hat, target_pred, n_next, edge)  # == x_hat where n_next is the edge
+        # FSDP keeps a forward-only model's root gathered; drop it so the EMA update below is seen next step
+        reshard_all(self.teacher)
+        if self.target is not None:
+            reshard_all(self.target)
+        student_pred = guided_prediction(self.family, self.student, grid, x_n, n, embeds, mask, 1.0)
+        f = grid.ddim(x_n, student_pred, n, edge)
+        return pseudo_huber(f, target, cfg.huber_c), {"grid_index": n.float().mean().item(), "w": w}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        if self.target is None:
+            return
+        for n, p in self.target_params.items():
+            p.lerp_(self.trainable[n].detach(), 1 - self.cfg.ema_decay)
+
+    def state_tensors(self):
+        return {"target": self.target_params} if self.target is not None else {}
+
+
+RECIPE = Distill
+
+
+# ---- the student's few-step sampler as a `fastpost sample` plug-in -------------------------------------------------
+@dataclass
+class PhasedSamplerConfig:
+    num_teacher_steps: int = 50  # the grid the student was distilled on (recipe_args.num_teacher_steps)
+    phases: int = 4  # recipe_args.phases; `steps` may be any divisor of it (fewer jumps, each over whole phases)
+    schedule: Literal["uniform", "linear_quadratic"] = "uniform"
+    lq_threshold: float = 0.025
+    lq_linear_steps: int | None = None
+
+
+class PhasedSampler:
+    """Deterministic multi-phase sampling: one DDIM jump from phase edge to phase edge (see phased_sample)."""
+
+    def __init__(self, ctx, cfg: PhasedSamplerConfig):
+        self.cfg = cfg
+        self.grid = make_grid(ctx.family, None, cfg.num_teacher_steps, cfg.schedule, cfg.lq_threshold,
+                              cfg.lq_linear_steps, scheduler_config=ctx.scheduler_config)
+        self.init_noise_sigma = float(self.grid.b[0])
+        self.edges = None
+
+    def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
+        if num_steps < 1 or self.cfg.phases % num_steps:
+            raise ValueError(f"the phased sampler of a {self.cfg.phases}-phase student runs a divisor of "
+                             f"{self.cfg.phases} steps, got steps={num_steps}")
+        self.edges = phase_edges(self.cfg.num_teacher_steps, self.cfg.phases)[:: self.cfg.phases // num_steps]
+        t = self.grid.model_t[self.edges[:-1]]
+        return (t.float() if self.grid.prediction_type == "flow_matching" else t).to(device)
+
+    def step(self, model_output, index, timestep, latents):
+        src = torch.full((latents.shape[0],), int(self.edges[index]))
+        dst = torch.full((latents.shape[0],), int(self.edges[index + 1]))
+        return self.grid.ddim(latents.double(), model_output.double(), src, dst).float()
+
+
+def _register_sampler() -> None:
+    from fastpost.sampling_schedulers import register_sampler
+
+    register_sampler("phased", PhasedSamplerConfig)(PhasedSampler)
+
+
+_register_sampler()  # `imports: [fastpost.recipes.distill]` + `sampler: phased` in a sample job selects it
