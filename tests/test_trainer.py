@@ -91,7 +91,7 @@ def _cli_train(config: Path, *extra: str) -> subprocess.Popen:
 
 
 def test_kill9_resume_reproduces_losses_and_lora_export_loads_in_diffusers(shards, tmp_path):
-    lora = {"enabled": True, "rank": 4, "alpha": 4}
+    lora = {"enabled": True, "rank": 4, "alpha": 8}  # alpha != rank: the export must carry the scale
     ref_cfg = job(tmp_path / "ref", shards, steps=14, lora=lora, checkpoint={"every_steps": 4})
     run_cfg = job(tmp_path / "run", shards, steps=14, lora=lora, checkpoint={"every_steps": 4})
     for name, cfg in (("ref", ref_cfg), ("run", run_cfg)):

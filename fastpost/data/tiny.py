@@ -82,3 +82,32 @@ def build_tiny_vae(out_dir: str | Path, family: str = "cogvideox", seed: int = 0
         vae = classes[family](**{**TINY_VAE_CONFIGS[family], **overrides}).eval()
     vae.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def build_tiny_pipeline(out_dir: str | Path, family: str = "cogvideox", flavor: str = "debug", seed: int = 0) -> Path:
+    """A complete diffusers pipeline folder (transformer, VAE, T5 + tokenizer, scheduler) with tiny random
+    weights: the stand-in for e.g. THUDM/CogVideoX-2b that the demo and tests pass to every fastpost command."""
+    import diffusers
+
+    from fastpost.models import get_family
+
+    fam = get_family(family)
+    out_dir = Path(out_dir)
+    text_dir = build_tiny_text_encoder(out_dir / "_build" / "text", d_model=fam.config(flavor)["text_embed_dim"],
+                                       seed=seed)
+    vae_dir = build_tiny_vae(out_dir / "_build" / "vae", family=family, seed=seed)
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = fam.load(None, flavor)
+    vae_cls = getattr(diffusers, fam.notes["vae_class"])
+    pipe = getattr(diffusers, fam.pipeline_class)(
+        tokenizer=AutoTokenizer.from_pretrained(text_dir), text_encoder=T5EncoderModel.from_pretrained(text_dir),
+        vae=vae_cls.from_pretrained(vae_dir), transformer=transformer, scheduler=fam.make_scheduler(flavor),
+    )
+    pipe.save_pretrained(out_dir)
+    import shutil
+
+    shutil.rmtree(out_dir / "_build")
+    return out_dir
