@@ -1,0 +1,115 @@
+"""Pyramid: an MMDiT video model trained with pyramidal flow matching (Jin et al. 2024), owned by fastpost.
+
+Package layout:
+  transformer.py  PyramidDiTModel (diffusers ModelMixin + ConfigMixin: save_pretrained / from_pretrained work)
+  pyramid.py      the math: stage windows, Down/Up, endpoints, block noise and the renoise correction, units
+  packing.py      mixed-resolution token sequences (segments -> patches + 3D positions, and back)
+  sampling.py     stage-wise Euler sampling, autoregressive units, CFG, image-to-video; a small CLI
+The objective is the recipe fastpost/recipes/pyramid_flow.py; docs/pyramid.md has the derivations.
+
+`predict()` runs the model on one full-resolution segment (all frames, block-causal when config.causal) and
+returns the flow-matching velocity noise - x0 at t = 1000 sigma, so the plain `finetune` recipe trains it too
+(that is pyramidal flow matching with one stage). There is no diffusers pipeline for this model:
+`pipeline_class` is "" and LoRA export through a pipeline's save_lora_weights does not apply.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
+from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp, compute_dtype
+from fastpost.distributed.parallel_dims import ParallelDims
+from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks
+from fastpost.models import ModelFamily
+from fastpost.models.pyramid.packing import Packed, Segment, pack, unpack_segment
+from fastpost.models.pyramid.transformer import PyramidBlock, PyramidDiTModel
+
+FLAVORS = {
+    # 3 heads: divisible by neither sp=2 nor sp=4, so the SP head-padding path always runs
+    "debug": dict(in_channels=4, patch_size=2, num_layers=2, num_attention_heads=3, attention_head_dim=16,
+                  text_embed_dim=16, mlp_ratio=4.0, rope_axes_dim=(4, 6, 6), timestep_freq_dim=64, causal=True),
+    "debug-full": dict(in_channels=4, patch_size=2, num_layers=2, num_attention_heads=3, attention_head_dim=16,
+                       text_embed_dim=16, mlp_ratio=4.0, rope_axes_dim=(4, 6, 6), timestep_freq_dim=64, causal=False),
+    # a real size: SD3-medium's trunk (24 layers x 1536 wide, ~2.0B parameters here), which Pyramid Flow's first
+    # release was initialised from; for building without weights (not weight-compatible with any checkpoint)
+    "2b": dict(in_channels=16, patch_size=2, num_layers=24, num_attention_heads=24, attention_head_dim=64,
+               text_embed_dim=4096, mlp_ratio=4.0, rope_axes_dim=(16, 24, 24), timestep_freq_dim=256, causal=True),
+}
+# predict() is plain flow matching at full resolution, which a non-shifted flow-match Euler scheduler integrates;
+# the pyramidal sampler (sampling.py) is what the model is trained for.
+SCHEDULERS = {"default": dict(num_train_timesteps=1000, shift=1.0, invert_sigmas=False, use_dynamic_shifting=False)}
+
+
+# ---- the model call -----------------------------------------------------------------------------------------------
+def forward_packed(model: nn.Module, packed: Packed, timesteps_B: torch.Tensor, prompt_embeds_BTD: torch.Tensor,
+                   prompt_mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """Velocity patches [B, S, C p^2] of a packed (possibly mixed-resolution, padded) sequence."""
+    dtype = compute_dtype(model)  # tokens and text in the compute dtype; timesteps and positions stay fp32
+    return model(hidden_states=packed.tokens.to(dtype), encoder_hidden_states=prompt_embeds_BTD.to(dtype),
+                 timestep=timesteps_B.float(), positions=packed.positions,
+                 encoder_attention_mask=None if prompt_mask_BT is None else prompt_mask_BT.bool(),
+                 token_mask=packed.token_mask)
+
+
+def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: torch.Tensor,
+            prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Velocity noise - x0 [B, C, F, H, W] at t = 1000 sigma (x_sigma = (1 - sigma) x0 + sigma noise) of one
+    full-resolution segment holding every frame."""
+    p = model.config.patch_size
+    packed = pack([Segment(noisy_latents_BCFHW, 0, 0)], p)
+    out = forward_packed(model, packed, timesteps_B, prompt_embeds_BTD, prompt_mask_BT)
+    return torch.cat(unpack_segment(out, packed, 0, p))
+
+
+def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
+    _, _, frames, height, width = latent_shape_BCFHW
+    return frames * (height // config.patch_size) * (width // config.patch_size)
+
+
+# ---- parallelism --------------------------------------------------------------------------------------------------
+def apply_sequence_parallel(model: PyramidDiTModel, dims: ParallelDims, attention_backend: str = "auto") -> SPState:
+    """Give every block's attention the model's SPState; with SP on, split the video tokens entering block 0 and
+    gather them entering norm_out (RoPE tables and the mask stay full-sequence: attention slices them)."""
+    state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
+    for block in model.transformer_blocks:
+        block.attn.sp_state = state
+    if state.sp is not None:
+        install_sequence_hooks(state, model.transformer_blocks[0], split_arg="hidden_states",
+                               gather_module=model.norm_out, seq_dim=1)
+    return state
+
+
+def parallelize(model: PyramidDiTModel, dims: ParallelDims, ac: ACConfig | None = None,
+                fsdp: FSDPConfig | None = None, attention_backend: str = "auto") -> PyramidDiTModel:
+    # 1. sequence parallel; the hooks sit outside the checkpointed blocks, so the split runs once
+    apply_sequence_parallel(model, dims, attention_backend)
+    # 2. activation checkpointing (before FSDP: each FSDP unit is a checkpointed block)
+    apply_activation_checkpointing(model.transformer_blocks, ac or ACConfig())
+    # 3. FSDP2 per block, then the root (embedders, norm_out, proj_out)
+    apply_fsdp(model, model.transformer_blocks, dims, fsdp or FSDPConfig())
+    return model
+
+
+FAMILY = ModelFamily(
+    name="pyramid",
+    diffusers_class=PyramidDiTModel,
+    block_class=PyramidBlock,
+    pipeline_class="",  # no diffusers pipeline exists: sample with fastpost.models.pyramid.sampling
+    flavors=FLAVORS,
+    prediction_type="flow_matching",
+    scheduler_class="FlowMatchEulerDiscreteScheduler",
+    scheduler_configs=SCHEDULERS,
+    parallelize_fn=parallelize,
+    sequence_parallel_fn=apply_sequence_parallel,
+    video_tokens_fn=video_tokens,
+    predict_fn=predict,
+    notes=dict(vae_class=None, text_encoder="any (prompt_embeds [B, T, text_embed_dim] from the latent shards)",
+               text_mask_used=True, latent_layout="BCFHW", recipe="pyramid_flow",
+               sampler="fastpost.models.pyramid.sampling.sample",
+               model_convention="timestep 1000 * sigma, predicts d x / d sigma (noise - x0 for one stage)"),
+)
+
+__all__ = ["FAMILY", "FLAVORS", "PyramidDiTModel", "apply_sequence_parallel", "forward_packed", "parallelize",
+           "predict", "video_tokens"]

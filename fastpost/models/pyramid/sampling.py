@@ -1,0 +1,212 @@
+"""Pyramidal sampling: autoregressive frame units, each generated coarse-to-fine with stage-wise Euler steps.
+
+For each unit (unit 0 = the first latent frame, then frame_per_unit frames each):
+    x = n ~ N(0, I) at the coarsest stage (sigma = 1)
+    for stage k = 0 .. K-1:
+        k > 0: x = alpha Up(x) + beta n', n' block-correlated (the renoise correction, pyramid.py): sigma jumps
+               from sigma_end_{k-1} to sigma_start_k and the noise is white again
+        Euler on the stage's grid sigma_0 = sigma_start_k > ... > sigma_steps = sigma_end_k:
+               x <- x + (sigma_{i+1} - sigma_i) v(x, 1000 sigma_i | history at stage k, text)
+    the unit's clean latent (sigma_end_{K-1} = 0, full resolution) joins the history
+The history is the temporal pyramid of the generated units (newest at the current stage's resolution, older ones
+coarser), clean, as in training without corruption. Classifier-free guidance uses `guidance_scale` for the first
+frame and `video_guidance_scale` for later units; the unconditional branch is the empty prompt (all-false mask,
+what the recipe's caption_dropout trains). Image-to-video: pass `first_frame` (a clean latent frame); sampling
+starts at unit 1 with it as history.
+
+Sequence parallel: run the same call on every rank of the SP group with the same generator seed (inputs are then
+identical on every rank); the model splits the tokens internally (apply_sequence_parallel / parallelize).
+
+CLI (latents in, latents out; this family has no VAE or text encoder of its own):
+    python -m fastpost.models.pyramid.sampling --transformer outputs/pyramid_debug/transformer \\
+        --shards outputs/pyramid_debug/shards --index 0 --frames 3 --steps 2,2,2 --out outputs/pyramid_debug/sample.pt
+    torchrun --nproc_per_node=2 -m fastpost.models.pyramid.sampling ... --ulysses 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastpost.models.pyramid.packing import Segment, pack, unpack_segment
+from fastpost.models.pyramid.pyramid import (
+    PAPER_STAGE_RANGE, StageSchedule, block_noise, down, frame_units, history_stages, renoise, up,
+)
+
+# (current unit segment, history segments, sigma, stage, guidance scale) -> velocity, shaped like the current unit
+VelocityFn = Callable[[Segment, list, float, int, float], torch.Tensor]
+
+
+@dataclass
+class PyramidSampleConfig:
+    stage_range: tuple[float, ...] = PAPER_STAGE_RANGE  # must match training
+    gamma: float = 1.0 / 3.0  # must match training
+    steps_per_stage: tuple[int, ...] = (10, 10, 10)  # Euler steps of each stage, coarse to fine
+    guidance_scale: float = 7.0  # the first-frame unit
+    video_guidance_scale: float = 5.0  # later units; <= 1 disables CFG for them
+    temporal_pyramid: bool = True  # False: the whole clip is one unit (full-sequence pyramidal sampling)
+    frame_per_unit: int = 1
+    max_history_units: int | None = None
+
+    def schedule(self) -> StageSchedule:
+        return StageSchedule(tuple(self.stage_range), self.gamma)
+
+
+def _pad_text(e_BTD: torch.Tensor, m_BT: torch.Tensor, length: int):
+    extra = length - e_BTD.shape[1]
+    return F.pad(e_BTD, (0, 0, 0, extra)), F.pad(m_BT, (0, extra), value=False)
+
+
+def model_velocity(model: nn.Module, prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None,
+                   negative_embeds_BTD: torch.Tensor | None = None,
+                   negative_mask_BT: torch.Tensor | None = None) -> VelocityFn:
+    """The model as a VelocityFn, with classifier-free guidance in one batch [uncond; cond] when guidance > 1.
+    The default negative prompt is the empty prompt: zero embeddings, all-false mask."""
+    from fastpost.models.pyramid import forward_packed
+
+    p = model.config.patch_size
+    b, t = prompt_embeds_BTD.shape[:2]
+    mask = (torch.ones(b, t, dtype=torch.bool, device=prompt_embeds_BTD.device) if prompt_mask_BT is None
+            else prompt_mask_BT.bool())
+    neg = torch.zeros_like(prompt_embeds_BTD) if negative_embeds_BTD is None else negative_embeds_BTD
+    neg_mask = (torch.zeros(b, neg.shape[1], dtype=torch.bool, device=neg.device) if negative_mask_BT is None
+                else negative_mask_BT.bool())
+    length = max(t, neg.shape[1])
+    cond, cond_mask = _pad_text(prompt_embeds_BTD, mask, length)
+    uncond, uncond_mask = _pad_text(neg, neg_mask, length)
+    both, both_mask = torch.cat([uncond, cond]), torch.cat([uncond_mask, cond_mask])
+
+    def velocity(current: Segment, history: list, sigma: float, stage: int, guidance: float) -> torch.Tensor:
+        segments = [*history, current]
+        guided = guidance > 1.0
+        if guided:
+            segments = [Segment(torch.cat([s.latents] * 2), s.frame_start, s.level) for s in segments]
+        packed = pack(segments, p)
+        n = packed.tokens.shape[0]
+        t_B = torch.full((n,), 1000.0 * sigma, dtype=torch.float32, device=packed.tokens.device)
+        out = forward_packed(model, packed, t_B, both if guided else cond, both_mask if guided else cond_mask)
+        v = torch.cat(unpack_segment(out, packed, -1, p)).float()
+        if not guided:
+            return v
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    return velocity
+
+
+@torch.no_grad()
+def sample(velocity_fn: VelocityFn, shape_BCFHW: tuple[int, ...], cfg: PyramidSampleConfig,
+           generator: torch.Generator, first_frame_BC1HW: torch.Tensor | None = None,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Latents [B, C, F, H, W] (full resolution). Noise comes only from `generator` (CPU), so every SP rank that
+    passes the same seed runs the same loop."""
+    sched = cfg.schedule()
+    k_stages = sched.num_stages
+    if len(cfg.steps_per_stage) != k_stages:
+        raise ValueError(f"steps_per_stage has {len(cfg.steps_per_stage)} entries for {k_stages} stages")
+    b, c, frames, height, width = shape_BCFHW
+    coarsest = 2 ** sched.level(0)
+    if height % coarsest or width % coarsest:
+        raise ValueError(f"latent {height}x{width} must be divisible by 2^(stages-1) = {coarsest}")
+    units = frame_units(frames, cfg.frame_per_unit) if cfg.temporal_pyramid else [(0, frames)]
+    generated: list[torch.Tensor] = []  # clean full-resolution latents of the finished units
+    if first_frame_BC1HW is not None:
+        if not cfg.temporal_pyramid:
+            raise ValueError("image-to-video conditions the later units on the first frame: needs temporal_pyramid")
+        if tuple(first_frame_BC1HW.shape) != (b, c, 1, height, width):
+            raise ValueError(f"first_frame must be {(b, c, 1, height, width)}, got {tuple(first_frame_BC1HW.shape)}")
+        generated.append(first_frame_BC1HW.float().to(device))
+
+    def noise(shape, block: bool) -> torch.Tensor:
+        n = block_noise(shape, sched.gamma, generator) if block else torch.randn(shape, generator=generator)
+        return n.to(device)
+
+    for u in range(len(generated), len(units)):
+        f0, f1 = units[u]
+        guidance = cfg.guidance_scale if u == 0 else cfg.video_guidance_scale
+        x = noise((b, c, f1 - f0, height // coarsest, width // coarsest), block=False)
+        for k in range(k_stages):
+            level = sched.level(k)
+            if k > 0:
+                x = renoise(x, sched.sigma_end(k - 1), sched.gamma, noise(tuple(up(x).shape), block=True))
+            history = [Segment(down(generated[u - j], sched.level(stage_j)), units[u - j][0], sched.level(stage_j))
+                       for j, stage_j in history_stages(k, u, cfg.max_history_units)]
+            sigmas = sched.sigmas(k, cfg.steps_per_stage[k]).tolist()
+            for s_now, s_next in zip(sigmas[:-1], sigmas[1:]):
+                v = velocity_fn(Segment(x, f0, level), history, s_now, k, guidance)
+                x = x + (s_next - s_now) * v.float()
+        generated.append(x)
+    return torch.cat(generated, dim=2)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastpost.models.pyramid.sampling",
+                                description="Sample latents from a trained pyramid transformer (torchrun: SP)")
+    p.add_argument("--transformer", required=True, help="save_pretrained dir (a training run's <output>/transformer)")
+    p.add_argument("--shards", required=True, help="latent shard folder: prompt embeddings (and the i2v frame)")
+    p.add_argument("--index", type=int, default=0, help="which shard sample's prompt to use")
+    p.add_argument("--frames", type=int, default=None, help="latent frames (default: the sample's)")
+    p.add_argument("--height", type=int, default=None, help="latent height (default: the sample's)")
+    p.add_argument("--width", type=int, default=None, help="latent width (default: the sample's)")
+    p.add_argument("--steps", default="10,10,10", help="Euler steps per stage, coarse to fine")
+    p.add_argument("--stage-range", default=None, help="stage boundaries in tau, e.g. 0,0.333,0.667,1 (training's)")
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--video-guidance", type=float, default=5.0)
+    p.add_argument("--frame-per-unit", type=int, default=1)
+    p.add_argument("--i2v", action="store_true", help="condition on the shard sample's first latent frame")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ulysses", type=int, default=None, help="SP degree (default: the world size)")
+    p.add_argument("--out", required=True, help="output .pt (latents BCFHW) + .json next to it")
+    args = p.parse_args(argv)
+
+    import torch.distributed as dist
+
+    from fastpost.data.shards import ShardDataset
+    from fastpost.distributed.parallel_dims import ParallelDims, init_distributed
+    from fastpost.models import get_family
+
+    rank, world = init_distributed()
+    try:
+        dims = ParallelDims(ulysses=args.ulysses or world, world_size=world)
+        dims.build_mesh()
+        family = get_family("pyramid")
+        model = family.load(args.transformer).eval()
+        family.apply_sequence_parallel(model, dims)
+        item = ShardDataset(args.shards)[args.index]
+        _, frames, height, width = item["latents"].shape
+        shape = (1, model.config.in_channels, args.frames or frames, args.height or height, args.width or width)
+        cfg = PyramidSampleConfig(steps_per_stage=tuple(int(s) for s in args.steps.split(",")),
+                                  guidance_scale=args.guidance, video_guidance_scale=args.video_guidance,
+                                  frame_per_unit=args.frame_per_unit)
+        if args.stage_range:
+            cfg.stage_range = tuple(float(s) for s in args.stage_range.split(","))
+        fn = model_velocity(model, item["prompt_embeds"][None], item["prompt_attention_mask"][None])
+        first = item["latents"][None, :, :1] if args.i2v else None
+        t0 = time.perf_counter()
+        latents = sample(fn, shape, cfg, torch.Generator().manual_seed(args.seed), first)
+        seconds = time.perf_counter() - t0
+        if rank == 0:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(latents, out)
+            meta = {**asdict(cfg), "shape": list(latents.shape), "seconds": seconds, "world": world,
+                    "ulysses": dims.ulysses, "caption": item.get("caption", ""), "seed": args.seed, "i2v": args.i2v}
+            out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+            print(f"[fastpost] wrote {out} {list(latents.shape)} in {seconds:.2f}s", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
