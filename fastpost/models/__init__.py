@@ -42,7 +42,6 @@ class ModelFamily:
     prediction_type: str  # "v_prediction" | "flow_matching"
     scheduler_class: str  # name of a diffusers scheduler class
     scheduler_configs: Mapping[str, dict]  # flavor -> scheduler config; "default" is the fallback
-    parallelize_fn: Callable[..., nn.Module]  # (model, dims, ac, fsdp, attention_backend) -> model
     sequence_parallel_fn: Callable[..., Any]  # (model, dims, attention_backend) -> SPState: step 1 only
     video_tokens_fn: Callable[[Any, tuple], int]  # (model.config, latent shape BCFHW) -> video tokens per sample
     predict_fn: Callable[..., torch.Tensor]  # (model, noisy_BCFHW, timesteps_B, embeds_BTD, mask_BT) -> BCFHW
@@ -88,7 +87,17 @@ class ModelFamily:
 
     # ---- parallelism and the model call -------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, dims, ac=None, fsdp=None, attention_backend: str = "auto") -> nn.Module:
-        return self.parallelize_fn(model, dims, ac, fsdp, attention_backend)
+        """The fixed order for every family: (1) SP processors + split/gather hooks, (2) activation checkpointing
+        of the blocks, (3) FSDP2 per block, then the root. The hooks sit outside the checkpointed blocks, so the
+        split runs once (not again in recompute); AC goes first so each FSDP unit is a checkpointed block."""
+        from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
+        from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
+
+        self.apply_sequence_parallel(model, dims, attention_backend)
+        blocks = self.blocks(model)
+        apply_activation_checkpointing(blocks, ac or ACConfig())
+        apply_fsdp(model, blocks, dims, fsdp or FSDPConfig())
+        return model
 
     def apply_sequence_parallel(self, model: nn.Module, dims, attention_backend: str = "auto"):
         """Only step 1 of parallelize (SP processors + hooks, no AC/FSDP), e.g. for sampling with replicated

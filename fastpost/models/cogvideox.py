@@ -20,8 +20,7 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
-from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
-from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp, compute_dtype
+from fastpost.distributed.fsdp import compute_dtype
 from fastpost.distributed.parallel_dims import ParallelDims
 from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks, shard_sequence
 from fastpost.models import ModelFamily
@@ -187,17 +186,6 @@ def apply_sequence_parallel(model: CogVideoXTransformer3DModel, dims: ParallelDi
     return state
 
 
-def parallelize(model: CogVideoXTransformer3DModel, dims: ParallelDims, ac: ACConfig | None = None,
-                fsdp: FSDPConfig | None = None, attention_backend: str = "auto") -> CogVideoXTransformer3DModel:
-    # 1. sequence parallel: processors + hooks; hooks sit outside the checkpointed block, so the split runs once
-    apply_sequence_parallel(model, dims, attention_backend)
-    # 2. activation checkpointing on the transformer blocks (before FSDP so each FSDP unit is checkpointed)
-    apply_activation_checkpointing(model.transformer_blocks, ac or ACConfig())
-    # 3. FSDP2: each block, then the root (patch/time embeddings, final norms, projection)
-    apply_fsdp(model, model.transformer_blocks, dims, fsdp or FSDPConfig())
-    return model
-
-
 FAMILY = ModelFamily(
     name="cogvideox",
     diffusers_class=CogVideoXTransformer3DModel,
@@ -207,7 +195,6 @@ FAMILY = ModelFamily(
     prediction_type="v_prediction",
     scheduler_class="CogVideoXDDIMScheduler",
     scheduler_configs=SCHEDULERS,
-    parallelize_fn=parallelize,
     sequence_parallel_fn=apply_sequence_parallel,
     video_tokens_fn=video_tokens,
     predict_fn=predict,

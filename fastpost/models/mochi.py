@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from diffusers import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
 
-from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
-from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp, compute_dtype
+from fastpost.distributed.fsdp import compute_dtype
 from fastpost.distributed.parallel_dims import ParallelDims
 from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks, shard_sequence
 from fastpost.models import ModelFamily
@@ -155,17 +154,6 @@ def apply_sequence_parallel(model: MochiTransformer3DModel, dims: ParallelDims,
     return state
 
 
-def parallelize(model: MochiTransformer3DModel, dims: ParallelDims, ac: ACConfig | None = None,
-                fsdp: FSDPConfig | None = None, attention_backend: str = "auto") -> MochiTransformer3DModel:
-    # 1. sequence parallel: processors + hooks; hooks sit outside the checkpointed block, so the split runs once
-    apply_sequence_parallel(model, dims, attention_backend)
-    # 2. activation checkpointing on the transformer blocks (before FSDP so each FSDP unit is checkpointed)
-    apply_activation_checkpointing(model.transformer_blocks, ac or ACConfig())
-    # 3. FSDP2: each block, then the root (embeddings, pos_frequencies, norm_out, proj_out)
-    apply_fsdp(model, model.transformer_blocks, dims, fsdp or FSDPConfig())
-    return model
-
-
 FAMILY = ModelFamily(
     name="mochi",
     diffusers_class=MochiTransformer3DModel,
@@ -175,7 +163,6 @@ FAMILY = ModelFamily(
     prediction_type="flow_matching",
     scheduler_class="FlowMatchEulerDiscreteScheduler",
     scheduler_configs=SCHEDULERS,
-    parallelize_fn=parallelize,
     sequence_parallel_fn=apply_sequence_parallel,
     video_tokens_fn=video_tokens,
     predict_fn=predict,

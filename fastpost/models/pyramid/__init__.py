@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
-from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp, compute_dtype
+from fastpost.distributed.fsdp import compute_dtype
 from fastpost.distributed.parallel_dims import ParallelDims
 from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks
 from fastpost.models import ModelFamily
@@ -81,17 +80,6 @@ def apply_sequence_parallel(model: PyramidDiTModel, dims: ParallelDims, attentio
     return state
 
 
-def parallelize(model: PyramidDiTModel, dims: ParallelDims, ac: ACConfig | None = None,
-                fsdp: FSDPConfig | None = None, attention_backend: str = "auto") -> PyramidDiTModel:
-    # 1. sequence parallel; the hooks sit outside the checkpointed blocks, so the split runs once
-    apply_sequence_parallel(model, dims, attention_backend)
-    # 2. activation checkpointing (before FSDP: each FSDP unit is a checkpointed block)
-    apply_activation_checkpointing(model.transformer_blocks, ac or ACConfig())
-    # 3. FSDP2 per block, then the root (embedders, norm_out, proj_out)
-    apply_fsdp(model, model.transformer_blocks, dims, fsdp or FSDPConfig())
-    return model
-
-
 FAMILY = ModelFamily(
     name="pyramid",
     diffusers_class=PyramidDiTModel,
@@ -101,7 +89,6 @@ FAMILY = ModelFamily(
     prediction_type="flow_matching",
     scheduler_class="FlowMatchEulerDiscreteScheduler",
     scheduler_configs=SCHEDULERS,
-    parallelize_fn=parallelize,
     sequence_parallel_fn=apply_sequence_parallel,
     video_tokens_fn=video_tokens,
     predict_fn=predict,
@@ -111,5 +98,5 @@ FAMILY = ModelFamily(
                model_convention="timestep 1000 * sigma, predicts d x / d sigma (noise - x0 for one stage)"),
 )
 
-__all__ = ["FAMILY", "FLAVORS", "PyramidDiTModel", "apply_sequence_parallel", "forward_packed", "parallelize",
+__all__ = ["FAMILY", "FLAVORS", "PyramidDiTModel", "apply_sequence_parallel", "forward_packed",
            "predict", "video_tokens"]
