@@ -8,6 +8,7 @@ wrong type -> error naming the field), recursing into nested dataclass fields.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,9 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -74,6 +78,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads 5e-3 (no dot) as a string; accept what Python reads as a number
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:

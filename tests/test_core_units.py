@@ -97,6 +97,9 @@ def test_config_from_dict_overrides_and_strictness(tmp_path):
     assert job == Job(name="demo", steps=5, optim=Optim(lr=3e-4, betas=(0.8, 0.9)))
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['optim.lrr'\] for Optim; valid keys: \['betas', 'lr'\]"):
         from_dict(Job, {"optim": {"lrr": 1}})
+    assert load_config(Job, path, ["optim.lr=5e-3"]).optim.lr == 5e-3  # YAML reads 5e-3 as a string
+    with pytest.raises(ConfigError, match="lr: expected a number, got 'fast'"):
+        from_dict(Job, {"optim": {"lr": "fast"}})
     with pytest.raises(ConfigError, match="steps: expected an integer, got 'ten'"):
         from_dict(Job, {"steps": "ten"})
     with pytest.raises(ConfigError, match="does not exist"):
