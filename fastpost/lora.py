@@ -6,12 +6,16 @@ Export writes `pytorch_lora_weights.safetensors` with keys `transformer.<module>
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 # Attention projections inside the transformer blocks. Anchored on "transformer_blocks" because a bare "to_q"
 # also matches Mochi's time_embed.pooler.to_q (measured), which LoRA recipes do not mean to train.
@@ -75,8 +79,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model, state_dict=full)
 
 
-def export_lora(model: nn.Module, out_dir: str | Path, pipeline_class: str) -> Path | None:
-    """Write diffusers-format LoRA weights (rank 0); every rank must call it. Returns the file on rank 0."""
+def export_lora(model: nn.Module, out_dir: str | Path, pipeline_class: str | None) -> Path | None:
+    """Write diffusers-format LoRA weights (rank 0); every rank must call it. Returns the file on rank 0.
+
+    With a diffusers pipeline class its `save_lora_weights` writes the file; a family without one (pyramid) gets
+    the same layout written here: `transformer.`-prefixed keys, the adapter config as `lora_adapter_metadata`.
+    """
     import diffusers
 
     layers = lora_state_dict(model)
@@ -86,16 +94,26 @@ def export_lora(model: nn.Module, out_dir: str | Path, pipeline_class: str) -> P
     # The adapter config travels as safetensors metadata; without it a reload assumes alpha = rank and silently
     # rescales the adapter (measured: rank 4, alpha 8 trained at scale 2.0, reloaded at 1.0).
     metadata = model.peft_config["default"].to_dict()
-    getattr(diffusers, pipeline_class).save_lora_weights(out_dir, transformer_lora_layers=layers,
-                                                         transformer_lora_adapter_metadata=metadata)
-    return out_dir / "pytorch_lora_weights.safetensors"
+    if pipeline_class:
+        getattr(diffusers, pipeline_class).save_lora_weights(out_dir, transformer_lora_layers=layers,
+                                                             transformer_lora_adapter_metadata=metadata)
+        return out_dir / LORA_FILE
+    from safetensors.torch import save_file
+
+    packed = {f"transformer.{k}": v.contiguous() for k, v in layers.items()}
+    meta = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (LORA_FILE + ".part")
+    save_file(packed, tmp, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, out_dir / LORA_FILE)  # a killed export never leaves a file that looks complete
+    return out_dir / LORA_FILE
 
 
 def load_lora(model: nn.Module, lora_dir: str | Path) -> nn.Module:
     """Load diffusers-format LoRA weights into a diffusers transformer (for sampling or further training)."""
     path = Path(lora_dir)
-    if not (path / "pytorch_lora_weights.safetensors").is_file():
-        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {str(path)!r}; pass a directory written by "
+    if not (path / LORA_FILE).is_file():
+        raise FileNotFoundError(f"no {LORA_FILE} in {str(path)!r}; pass a directory written by "
                                 f"fastpost's LoRA export or diffusers' save_lora_weights")
-    model.load_lora_adapter(str(path), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+    model.load_lora_adapter(str(path), prefix="transformer", weight_name=LORA_FILE)
     return model

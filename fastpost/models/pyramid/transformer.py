@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
 from fastpost.distributed.ulysses import SPState, shard_sequence
@@ -185,7 +186,7 @@ class AdaNormOut(nn.Module):
         return _modulate(self.norm(x_BSD), shift, scale)
 
 
-class PyramidDiTModel(ModelMixin, ConfigMixin):
+class PyramidDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):  # PeftAdapterMixin: diffusers-style LoRA
     config_name = "config.json"
     _no_split_modules = ["PyramidBlock"]
 
