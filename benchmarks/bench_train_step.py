@@ -19,7 +19,7 @@ Rows, all from one seeded init and the same inputs in the same run:
   fastpost        family.parallelize() + family.predict(): AC none / selective / full. On GPU at world 1 this is
                   the trainer's path: a 1-rank process group, FSDP2 with bf16 params and fp32 reduce (fastpost has
                   no autocast path). On CPU (fp32) plain parallelize() at world 1 = no FSDP/SP, plus one row of
-                  the trainer's 1-rank FSDP2 path.
+                  the trainer's path (a 1-rank process group; in fp32 apply_fsdp then skips FSDP: nothing to do).
 Both losses are the same function of the weights (predict() only translates Mochi's timestep/sign convention), so
 the "first loss" column must agree across rows (exactly in fp32).
 
@@ -127,7 +127,7 @@ def variants(gpu: bool) -> list[dict]:
             dict(name="plain loop + diffusers GC", plain=True, gc=True, ac="full")]
     rows += [dict(name=f"fastpost, AC {m}", plain=False, ac=m, fsdp1=fsdp1) for m in ("none", "selective", "full")]
     if not gpu:
-        rows.append(dict(name="fastpost, AC none, trainer path (1-rank FSDP2)", plain=False, ac="none", fsdp1=True))
+        rows.append(dict(name="fastpost, AC none, trainer path (1-rank group)", plain=False, ac="none", fsdp1=True))
     return rows
 
 
