@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    pass
+    """A job file or override that does not fit its dataclass (unknown key, wrong type, missing file)."""
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -22,6 +22,7 @@ the sampler loop (one all-gather per step over the CFG group), VAE decode and wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -461,10 +462,8 @@ class VideoSampler:
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:  # every leader is done writing: the staging folder can go if it is empty
-            try:
+            with contextlib.suppress(OSError):  # missing, or not empty (files of an interrupted earlier run)
                 (out / ".partial").rmdir()
-            except OSError:
-                pass
         return results
 
 
