@@ -13,6 +13,7 @@ Build order (each step needs the ones before it):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1
     seed: int = 0  # noise / timestep sampling
-    ema_decay: float | None = None  # EMA of trainable weights, exported alongside when set
+    ema_decay: float | None = None  # EMA of trainable weights; exported to <out>/{lora,transformer}_ema when set
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before aborting
     recipe: str = "finetune"
     recipe_args: dict = field(default_factory=dict)  # the recipe's own Config, checked strictly
@@ -123,6 +124,20 @@ class EMA:
     def update(self) -> None:
         for n, p in self.params.items():
             self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Temporarily give the model the EMA weights (for export or evaluation); the trained ones come back."""
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(backup[n])
 
 
 class Trainer:
@@ -261,12 +276,20 @@ class Trainer:
 
     # ---- export -------------------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """LoRA runs: diffusers-format LoRA weights; full runs: a diffusers save_pretrained transformer folder."""
+        """LoRA runs: diffusers-format LoRA weights (<out>/lora); full runs: a diffusers save_pretrained folder
+        (<out>/transformer). With ema_decay set, the EMA weights go to <out>/lora_ema or <out>/transformer_ema."""
+        path = self._export("")
+        if self.ema is not None:
+            with self.ema.swapped():
+                self._export("_ema")
+        return path
+
+    def _export(self, suffix: str) -> Path:
         if self.cfg.lora.enabled:
-            path = self.out / "lora"
+            path = self.out / f"lora{suffix}"
             export_lora(self.model, path, self.family.pipeline_class)
         else:
-            path = self.out / "transformer"
+            path = self.out / f"transformer{suffix}"
             state = full_state_dict(self.model)
             if self.rank == 0:
                 plain = self.family.load(self.cfg.model.pretrained, self.cfg.model.flavor)
