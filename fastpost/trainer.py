@@ -147,6 +147,8 @@ class Trainer:
         self.rank, world = init_distributed()
         self.dims = ParallelDims(world_size=world, **to_dict(cfg.parallel))
         self.dims.build_mesh()
+        # parallelize() puts the model on the mesh's device; batches follow it there (CPU: gloo, GPU: nccl)
+        self.device = torch.device(self.dims.mesh.device_type if self.dims.mesh is not None else "cpu")
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -207,13 +209,13 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # nccl reduces device tensors only
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def _mean_over_dp(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(t)  # every SP peer holds the same value, so the world mean is the dp mean
             t /= dist.get_world_size()
@@ -224,7 +226,8 @@ class Trainer:
         cfg, dims = self.cfg, self.dims
         total_loss, samples, tokens, extra = 0.0, 0, 0, {}
         for micro in range(cfg.grad_accum):
-            batch = next(batches)
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in next(batches).items()}
             index = (self.step * cfg.grad_accum + micro) * dims.dp + dims.dp_rank  # global batch index
             loss, extra = self.recipe.loss(batch, batch_generator(cfg.seed, index))
             (loss / cfg.grad_accum).backward()

@@ -34,14 +34,16 @@ class FSDPConfig:
 
 
 def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], dims: ParallelDims, cfg: FSDPConfig) -> nn.Module:
-    """Shard `model` in place (blocks first, root last) and return it; a no-op in a plain single process."""
+    """Shard `model` in place (blocks first, root last) onto the mesh's device and return it; a no-op in a plain
+    single process (no process group)."""
     mesh = dims.submesh("fsdp_hsdp") if dims.hsdp_enabled else dims.submesh("fsdp")
     if mesh is None:
         return model
     if mesh.size() == 1 and cfg.param_dtype == cfg.reduce_dtype == "float32" and not cfg.cpu_offload:
         # One rank and nothing to cast or offload: FSDP would only add copies and hooks (measured: a 1-rank FSDP2
         # step 0.87x the plain loop on CPU). bf16 at world 1 keeps FSDP: it is the mixed-precision mechanism.
-        return model
+        # Either way the model ends up on the mesh's device (fully_shard moves the shards there itself).
+        return model.to(mesh.device_type)
     # cast_forward_inputs=False: FSDP would cast *every* float input to param_dtype, timesteps included (bf16 turns
     # 999 into 1000; measured 6-21% output change on Mochi). Models cast latents/embeddings via compute_dtype().
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype],

@@ -62,8 +62,9 @@ class OdeGrid:
         return len(self.a) - 1
 
     def coeffs(self, idx: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a, b at grid points idx (a CPU index tensor), shaped to broadcast over `like` and on its device."""
         shape = (-1, *([1] * (like.dim() - 1)))
-        return self.a[idx].view(shape), self.b[idx].view(shape)
+        return self.a[idx].view(shape).to(like.device), self.b[idx].view(shape).to(like.device)
 
     def estimates(self, x: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor):
         """(x0_hat, eps_hat) from a model prediction at points idx."""
@@ -128,7 +129,7 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
 # ---- model calls -------------------------------------------------------------------------------------------------
 def guided_prediction(family, model, grid: OdeGrid, x, idx, embeds, mask, w: float, neg=None):
     """Model prediction at grid points idx; with w != 1 the classifier-free-guided one (one batched pass)."""
-    t = grid.model_t[idx].to(torch.float32 if grid.prediction_type == "flow_matching" else torch.int64)
+    t = grid.model_t[idx].to(x.device, torch.float32 if grid.prediction_type == "flow_matching" else torch.int64)
     if w == 1.0:
         return family.predict(model, x.float(), t, embeds, mask).double()
     neg_embeds, neg_mask = neg
@@ -210,14 +211,14 @@ class Distill(Recipe):
             else:
                 self._neg = (torch.zeros_like(embeds[:1]), torch.zeros_like(mask[:1]))
         e, m = self._neg
-        return e.to(embeds.dtype).expand_as(embeds), m.to(mask.dtype).expand_as(mask)
+        return e.to(embeds.device, embeds.dtype).expand_as(embeds), m.to(mask.device, mask.dtype).expand_as(mask)
 
     def loss(self, batch, generator):
         cfg, grid = self.cfg, self.grid
         x0 = batch["latents"].double()
         embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
         bsz = x0.shape[0]
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
         n = torch.randint(0, cfg.num_teacher_steps, (bsz,), generator=generator)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand((), generator=generator).item()
         edge = self.phase_end[n]
@@ -282,7 +283,7 @@ class PhasedSampler:
         return (t.float() if self.grid.prediction_type == "flow_matching" else t).to(device)
 
     def step(self, model_output, index, timestep, latents):
-        src = torch.full((latents.shape[0],), int(self.edges[index]))
+        src = torch.full((latents.shape[0],), int(self.edges[index]))  # CPU indices into the CPU grid
         dst = torch.full((latents.shape[0],), int(self.edges[index + 1]))
         return self.grid.ddim(latents.double(), model_output.double(), src, dst).float()
 

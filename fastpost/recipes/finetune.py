@@ -56,18 +56,20 @@ class Finetune(Recipe):
             self.alphas_cumprod = scheduler.alphas_cumprod.float()
 
     def loss(self, batch, generator):
+        # Randomness comes from the CPU generator (identical on SP peers, any device), then moves to the data.
         x0 = batch["latents"].float()
-        eps = torch.randn(x0.shape, generator=generator)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
         if self.family.prediction_type == "flow_matching":
-            s = sample_flow_times(x0.shape[0], self.cfg, generator)
+            s = sample_flow_times(x0.shape[0], self.cfg, generator).to(x0.device)
             x_s = (1 - _bcast(s, x0)) * x0 + _bcast(s, x0) * eps
             target = eps - x0
             pred = self.family.predict(self.ctx.model, x_s, s * 1000, embeds, mask)
             t_mean = s.mean().item()
         else:
             t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator)
-            a = _bcast(self.alphas_cumprod[t], x0)
+            a = _bcast(self.alphas_cumprod[t], x0).to(x0.device)
+            t = t.to(x0.device)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
             target = a.sqrt() * eps - (1 - a).sqrt() * x0
             pred = self.family.predict(self.ctx.model, x_t, t, embeds, mask)
