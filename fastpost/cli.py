@@ -12,11 +12,16 @@ def _train(argv: list[str]) -> None:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory (= checkpoint.resume)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 parallel.ulysses=2")
     args = p.parse_args(argv)
-    from fastpost.config import load_config
+    from fastpost.config import ConfigError, load_config
+    from fastpost.data.shards import ShardError
     from fastpost.trainer import TrainConfig, Trainer
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    trainer = Trainer(load_config(TrainConfig, args.config, overrides))
+    try:  # bad input (job file, overrides, shard folder): one line naming it and the fix, exit 2
+        trainer = Trainer(load_config(TrainConfig, args.config, overrides))
+    except (ConfigError, ShardError) as e:
+        print(f"fastpost train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         trainer.fit()
     finally:

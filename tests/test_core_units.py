@@ -106,3 +106,16 @@ def test_config_from_dict_overrides_and_strictness(tmp_path):
         load_config(Job, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         apply_overrides({}, ["steps"])
+
+
+def test_train_cli_reports_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    job = tmp_path / "job.yaml"
+    job.write_text("optim: {lrr: 1}\n")
+    for config, message in ((tmp_path / "nope.yaml", "does not exist"), (job, "unknown config key(s) ['optim.lrr']")):
+        proc = subprocess.run([sys.executable, "-m", "fastpost.cli", "train", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "fastpost train: error: " in proc.stderr and message in proc.stderr, proc.stderr
