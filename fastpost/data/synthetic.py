@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastpost.config import apply_overrides, from_dict, load_yaml
+from fastpost.config import load_config
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 215, 40),
@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML file with SyntheticConfig keys")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. out_dir=data/synth num_videos=16 'sizes=[[48,80]]'")
     args = p.parse_args(argv)
-    data = apply_overrides(load_yaml(args.config) if args.config else {}, args.overrides)
-    cfg = from_dict(SyntheticConfig, data)
+    cfg = load_config(SyntheticConfig, args.config, args.overrides)
     records = generate(cfg)
     print(f"wrote {len(records)} samples and {Path(cfg.out_dir) / 'metadata.jsonl'}")
     return 0
