@@ -7,18 +7,13 @@ default threads were measured 4-5x slower (an FSDP step 706 ms vs 154 ms).
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fastpost.distributed.parallel_dims import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:

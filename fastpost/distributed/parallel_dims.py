@@ -16,6 +16,7 @@ Named meshes (all views of one root DeviceMesh, built once, passed explicitly; n
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +149,13 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment (or as a 1-process group).
 
@@ -159,11 +167,7 @@ def init_distributed() -> tuple[int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a plain `python` run: any free port (two runs must not collide)
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
