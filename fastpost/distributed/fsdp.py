@@ -42,7 +42,10 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], dims: ParallelDims
     if mesh.size() == 1 and cfg.param_dtype == cfg.reduce_dtype == "float32" and not cfg.cpu_offload:
         # One rank and nothing to cast or offload: FSDP would only add copies and hooks (measured: a 1-rank FSDP2
         # step 0.87x the plain loop on CPU). bf16 at world 1 keeps FSDP: it is the mixed-precision mechanism.
-        # Either way the model ends up on the mesh's device (fully_shard moves the shards there itself).
+        # Either way the model ends up on the mesh's device (fully_shard moves the shards there itself); a model
+        # still on the meta device is materialised there by the builder.
+        if any(p.is_meta for p in model.parameters()):
+            return model
         return model.to(mesh.device_type)
     # cast_forward_inputs=False: FSDP would cast *every* float input to param_dtype, timesteps included (bf16 turns
     # 999 into 1000; measured 6-21% output change on Mochi). Models cast latents/embeddings via compute_dtype().

@@ -1,0 +1,271 @@
+"""THE model builder: every model fastpost runs (trained model, teacher, EMA target, critic, sampler, export)
+is made here, in one fixed order:
+
+  1. construct   pretrained: on the meta device (no memory; buffers stay real), config from the checkpoint
+                 no pretrained: seeded random init from the family's flavor (tiny models, tests, docs)
+  2. LoRA        injected before sharding (FSDP must see the final parameter set); its init is real and seeded
+  3. SP          the family's sequence-parallel processors and split/gather hooks
+  4. AC          activation checkpointing of the blocks
+  5. FSDP2       per block, then the root, over the dp_shard x sp mesh (skipped with shard=False)
+  6. load        each rank reads only its own slice of every tensor from the safetensors files (mmap'd); no
+                 rank ever holds the whole model unless it is unsharded
+
+Peak host memory per rank is therefore ~ its shard of the model in `dtype` plus one tensor in flight
+(benchmarks/bench_load_memory.py measures it).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
+from fastpost.distributed.fsdp import DTYPES, FSDPConfig, apply_fsdp
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PICKLED = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+class BuildError(ValueError):
+    """A checkpoint that does not fit the model (missing folder, keys, shapes): the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build. `pretrained` is a diffusers pipeline dir (with transformer/) or a transformer dir."""
+
+    pretrained: str | None = None
+    flavor: str | None = None  # random init only: the family's config of that name
+    init_seed: int = 0  # random init (and LoRA init): identical on every rank
+    dtype: str = "float32"  # the dtype the weights are stored in (FSDP's param_dtype may compute lower)
+    variant: str | None = None  # diffusers weight variant, e.g. "fp16" -> diffusion_pytorch_model.fp16.safetensors
+    lora: Any = None  # a fastpost.lora.LoRAConfig with enabled=True, or None
+    trainable: bool = True  # False: frozen (teacher, target, sampler); FSDP then reshards every unit after forward
+    allow_pickle: bool = False  # accept pickled .bin weights (can run code from the file: opt-in)
+
+    def with_(self, **kw) -> "ModelSpec":
+        return replace(self, **kw)
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def transformer_dir(pretrained: str | Path) -> Path:
+    """The folder holding the transformer's config.json: <pipeline>/transformer, or `pretrained` itself."""
+    path = Path(pretrained)
+    for candidate in (path / "transformer", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise BuildError(f"{str(path)!r} holds neither transformer/config.json (a diffusers pipeline folder) nor "
+                     f"config.json (a transformer folder); point model.pretrained at one of those (downloaded "
+                     f"checkpoints are used from a local folder)")
+
+
+def weight_files(folder: Path, variant: str | None = None, allow_pickle: bool = False) -> dict[str, Path]:
+    """checkpoint key -> the file holding it (a single safetensors file, or a sharded one via its index)."""
+    single = folder / _add_variant(WEIGHTS, variant)
+    index = folder / _add_variant(INDEX, variant)
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {k: folder / v for k, v in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise BuildError(f"{index} names shard files that are missing: {missing[:3]}; the download is incomplete")
+        return files
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    pickled = [folder / _add_variant(n, variant) for n in PICKLED if (folder / _add_variant(n, variant)).is_file()]
+    if pickled and allow_pickle:
+        return {k: pickled[0] for k in torch.load(pickled[0], map_location="meta", weights_only=True)}
+    if pickled:
+        raise BuildError(f"{folder} has only pickled weights ({pickled[0].name}), which can run code when loaded; "
+                         f"convert them to safetensors, or opt in with model.allow_pickle: true")
+    want = single.name if variant is None else f"{single.name} (variant {variant!r})"
+    raise BuildError(f"no weights in {folder}: expected {want} or {index.name}")
+
+
+def _checkpoint_key(name: str) -> str:
+    return name.replace(".base_layer.", ".")  # peft wraps a LoRA target's original weights in base_layer
+
+
+class _Reader:
+    """Reads slices of checkpoint tensors, one open file at a time (safetensors mmaps; a slice reads its rows)."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files, self._open, self._pickled = files, {}, {}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f = self._handle(self.files[key])
+        return tuple(f.get_slice(key).get_shape()) if hasattr(f, "get_slice") else tuple(f[key].shape)
+
+    def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        f = self._handle(self.files[key])
+        return f.get_slice(key)[index] if hasattr(f, "get_slice") else f[key][index]
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self._open.clear()  # keep one file mapped: its touched pages count towards RSS
+                self._open[path] = safe_open(path, framework="pt")
+            else:  # opted-in pickled weights: weights_only refuses anything but tensors and containers
+                self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return self._open[path]
+
+
+def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(this rank's storage of t, the global index it covers); a plain tensor covers everything."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(t, DTensor):
+        return t, tuple(slice(0, n) for n in t.shape)
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, folder: Path, variant: str | None = None, allow_pickle: bool = False) -> None:
+    """Fill every non-LoRA parameter and persistent buffer of `model` (plain or FSDP-sharded) from the
+    checkpoint in `folder`, each rank reading only its own rows. Strict: keys and shapes must match."""
+    files = weight_files(folder, variant, allow_pickle)
+    reader = _Reader(files)
+    wanted: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            wanted[_checkpoint_key(name)] = p
+    persistent = {k for k, _ in model.state_dict().items()}
+    for name, b in model.named_buffers():
+        if name in persistent:
+            wanted[_checkpoint_key(name)] = b
+    missing = sorted(set(wanted) - set(files))
+    unexpected = sorted(set(files) - set(wanted))
+    if missing or unexpected:
+        raise BuildError(f"the checkpoint in {folder} does not match {type(model).__name__} built from its "
+                         f"config.json: {len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} "
+                         f"unexpected (e.g. {unexpected[:3]}); the folder holds a different model or version")
+    for key, target in wanted.items():
+        if reader.shape(key) != tuple(target.shape):
+            raise BuildError(f"{folder}: tensor {key} has shape {list(reader.shape(key))} but the model expects "
+                             f"{list(target.shape)}; the weights do not belong to this config.json")
+        local, index = _local_view(target)
+        if local.numel():
+            local.copy_(reader.read(key, index))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Replace meta storage by real (uninitialised) storage on `device`; real tensors that were already set
+    (buffers computed at construction, LoRA weights) keep their values."""
+    local = _local
+    keep = {n: local(t).detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if not local(t).is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for n, t in [*model.named_parameters(), *model.named_buffers()]:
+            if n in keep:
+                local(t).copy_(keep[n])
+
+
+def read_config(pretrained: str | Path) -> dict:
+    raw = json.loads((transformer_dir(pretrained) / "config.json").read_text())
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+def construct(family, spec: ModelSpec) -> nn.Module:
+    """Step 1 (+2): the module, on meta when weights will be loaded, seeded and real otherwise; LoRA injected."""
+    dtype = DTYPES[spec.dtype]
+    cls = family.diffusers_class
+    if spec.pretrained is not None:
+        from accelerate import init_empty_weights
+
+        config = read_config(spec.pretrained)
+        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # diffusers warns about config keys of other versions it ignores
+            model = cls.from_config(config)
+        _cast_parameters(model, dtype)
+    else:
+        torch.manual_seed(spec.init_seed)
+        model = cls.from_config(family.config(spec.flavor))
+        if dtype != torch.float32:
+            model.to(dtype)
+    if spec.lora is not None and spec.lora.enabled:
+        _inject_real_lora(model, spec)
+    if spec.trainable:
+        model.train()
+    else:
+        model.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Parameters to `dtype`, buffers as constructed: what from_pretrained(torch_dtype=...) gives (CogVideoX's
+    sincos table stays float64 there; casting it would move outputs)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.dtype != dtype and p.is_floating_point():
+                module._parameters[name] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
+
+
+def _inject_real_lora(model: nn.Module, spec: ModelSpec) -> None:
+    """peft puts adapters on the base weights' device, meta for a pretrained model: give them real initial
+    values from a generator seeded the same on every rank."""
+    from fastpost.lora import inject_lora
+
+    inject_lora(model, spec.lora)
+    if any(p.is_meta for n, p in model.named_parameters() if "lora_" in n):
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed(spec.init_seed)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for sub in (module.lora_A, module.lora_B):
+                    for name in sub:
+                        sub[name].to_empty(device="cpu")
+                for adapter in module.lora_A:
+                    module.reset_lora_parameters(adapter, spec.lora.init if spec.lora.init != "default" else True)
+
+
+def build_model(family, spec: ModelSpec, dims, *, ac: ACConfig | None = None, fsdp: FSDPConfig | None = None,
+                attention_backend: str = "auto", shard: bool = True, device: torch.device | None = None):
+    """Build `spec` for `family` in the fixed order (module docstring); returns (model, sp_state).
+
+    shard=False leaves the weights replicated (sampling): SP processors only, every rank loads everything.
+    """
+    model = construct(family, spec)
+    sp_state = family.apply_sequence_parallel(model, dims, attention_backend)
+    blocks = family.blocks(model)
+    if spec.trainable:
+        apply_activation_checkpointing(blocks, ac or ACConfig())
+    if shard:
+        apply_fsdp(model, blocks, dims, fsdp or FSDPConfig())
+    if device is None:
+        device = torch.device(dims.mesh.device_type if dims.mesh is not None else "cpu")
+    if any(_local(p).is_meta for p in model.parameters()):
+        _materialize(model, device)
+    elif not shard:
+        model.to(device)
+    if spec.pretrained is not None:
+        load_weights(model, transformer_dir(spec.pretrained), spec.variant, spec.allow_pickle)
+    return model, sp_state
