@@ -84,10 +84,7 @@ def weight_files(folder: Path, variant: str | None = None, allow_pickle: bool = 
             raise BuildError(f"{index} names shard files that are missing: {missing[:3]}; the download is incomplete")
         return files
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in _SafetensorsFile(single).entries}
     pickled = [folder / _add_variant(n, variant) for n in PICKLED if (folder / _add_variant(n, variant)).is_file()]
     if pickled and allow_pickle:
         return {k: pickled[0] for k in torch.load(pickled[0], map_location="meta", weights_only=True)}
@@ -102,30 +99,73 @@ def _checkpoint_key(name: str) -> str:
     return name.replace(".base_layer.", ".")  # peft wraps a LoRA target's original weights in base_layer
 
 
-class _Reader:
-    """Reads slices of checkpoint tensors, one open file at a time (safetensors mmaps; a slice reads its rows)."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
-    def __init__(self, files: dict[str, Path]):
-        self.files, self._open, self._pickled = files, {}, {}
+
+class _SafetensorsFile:
+    """Reads row ranges of tensors with plain file reads (no mmap): only the rows asked for ever enter this
+    process's memory (mmap'd pages would count towards its RSS while mapped)."""
+
+    def __init__(self, path: Path):
+        import struct
+
+        self.path = path
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + n, header
 
     def shape(self, key: str) -> tuple[int, ...]:
-        f = self._handle(self.files[key])
-        return tuple(f.get_slice(key).get_shape()) if hasattr(f, "get_slice") else tuple(f[key].shape)
+        return tuple(self.entries[key]["shape"])
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
-        f = self._handle(self.files[key])
-        return f.get_slice(key)[index] if hasattr(f, "get_slice") else f[key][index]
+        entry = self.entries[key]
+        shape, dtype = self.shape(key), _ST_DTYPES[entry["dtype"]]
+        if not shape:
+            rows = slice(0, 1)
+        else:
+            rows = index[0]
+        full_rest = all(sl.start == 0 and sl.stop == n for sl, n in zip(index[1:], shape[1:]))
+        if not full_rest:  # not a row range (no FSDP placement does this): read the tensor, then index it
+            return self.read(key, tuple(slice(0, n) for n in shape))[index]
+        row_numel = 1
+        for n in shape[1:]:
+            row_numel *= n
+        item = torch.empty((), dtype=dtype).element_size()
+        out = torch.empty((rows.stop - rows.start, *shape[1:]) if shape else (), dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + entry["data_offsets"][0] + rows.start * row_numel * item)
+            view = out.reshape(-1).view(torch.uint8).numpy()
+            if f.readinto(view) != view.nbytes:
+                raise BuildError(f"{self.path} is truncated: tensor {key} ends past the end of the file; "
+                                 f"download it again")
+        return out
+
+
+class _Reader:
+    """Slices of checkpoint tensors from safetensors files (or an opted-in pickled file)."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files, self._open = files, {}
 
     def _handle(self, path: Path):
         if path not in self._open:
             if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._open.clear()  # keep one file mapped: its touched pages count towards RSS
-                self._open[path] = safe_open(path, framework="pt")
+                self._open[path] = _SafetensorsFile(path)
             else:  # opted-in pickled weights: weights_only refuses anything but tensors and containers
                 self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return self._open[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f = self._handle(self.files[key])
+        return f.shape(key) if isinstance(f, _SafetensorsFile) else tuple(f[key].shape)
+
+    def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self._handle(self.files[key]).read(key, index) if self.files[key].suffix == ".safetensors" \
+            else self._handle(self.files[key])[key][index]
 
 
 def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:

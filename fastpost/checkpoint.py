@@ -2,8 +2,11 @@
 
 Layout under <dir>:
   step_00000100/            a complete checkpoint (the name appears only once every rank has finished)
-    .metadata, __0_0.distcp   DCP: model (trainable params only for LoRA), optimizer, recipe tensors (EMA, ...)
-    extra_rank00000.pt        per-rank plain state: step, LR scheduler, loader position, RNG, recipe extras
+    .metadata, __0_0.distcp   DCP: every trainable module (trainable params only for LoRA) and its optimizer,
+                              recipe tensors (EMA target, ...), the trainer's EMA; resharded on load, so a job
+                              may resume at another world size or layout
+    extra_rank00000.pt        per-rank plain state: step, LR schedulers, loader position (in global batches),
+                              RNG, counters; rank 0's copy is the shared truth
   step_00000200.tmp/        a checkpoint being written (or killed mid-write): never resumed from, removed later
 
 Atomicity: every rank writes into `<name>.tmp`, a barrier proves all are done, then rank 0 renames it. A kill at
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -80,22 +84,35 @@ def _model_options(model: torch.nn.Module) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
+def _module_state(trainables: dict[str, tuple]) -> dict[str, Any]:
+    """DCP state of every (module, optimizer): the first under "model"/"optim" (what `fastpost sample` reads),
+    the others under "trainables.<name>"."""
+    state: dict[str, Any] = {}
+    for i, (name, (module, optimizer)) in enumerate(trainables.items()):
+        model_sd, optim_sd = get_state_dict(module, optimizer, options=_model_options(module))
+        if i == 0:
+            state.update(model=model_sd, optim=optim_sd)
+        else:
+            state.setdefault("trainables", {})[name] = {"model": model_sd, "optim": optim_sd}
+    return state
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 2):
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
         self.root, self.keep_last = Path(root), keep_last
 
-    def save(self, step: int, model, optimizer, tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
-        """Collective. `tensors` (DCP, may hold DTensors) and `extra` (torch.save, per rank) are free-form."""
+    def save(self, step: int, trainables: dict[str, tuple], tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
+        """Collective. `trainables`: name -> (module, optimizer); `tensors` (DCP, may hold DTensors) and `extra`
+        (per rank, plain values) are free-form."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while writing this step
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_model_options(model))
-        dcp.save({"model": model_sd, "optim": optim_sd, **tensors}, checkpoint_id=str(tmp))
+        dcp.save({**_module_state(trainables), **tensors}, checkpoint_id=str(tmp))
         extra = {**extra, "step": step, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             extra["rng_cuda"] = torch.cuda.get_rng_state()
@@ -112,26 +129,43 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def load(self, path: Path, model, optimizer, tensors: dict[str, Any]) -> dict[str, Any]:
-        """Collective. Loads in place into model/optimizer/tensors; returns this rank's extra state."""
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=_model_options(model))
-        state = {"model": model_sd, "optim": optim_sd, **tensors}
+    def load(self, path: Path, trainables: dict[str, tuple], tensors: dict[str, Any]) -> dict[str, Any]:
+        """Collective. Loads in place into every module, optimizer and tensor; returns the extra state. Every
+        tensor the checkpoint holds must have a home in this job and vice versa (a recipe whose state is not
+        restored would silently continue from a fresh one)."""
+        state = {**_module_state(trainables), **tensors}
+        stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        wanted = set(flatten_state_dict(state)[0])
+        if stored != wanted:
+            lost, absent = sorted(stored - wanted), sorted(wanted - stored)
+            raise CheckpointError(
+                f"checkpoint {path} does not match this job: {len(lost)} stored tensors have no place here (e.g. "
+                f"{lost[:3]}), {len(absent)} of this job's are not stored (e.g. {absent[:3]}). Resume with the same "
+                f"recipe, LoRA and EMA settings as the run that wrote it")
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=_model_options(model))
+        for i, (name, (module, optimizer)) in enumerate(trainables.items()):
+            sd = state if i == 0 else state["trainables"][name]
+            set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                           options=_model_options(module))
         for key, value in tensors.items():
             _copy_into(value, state[key])
-        extra_file = path / f"extra_rank{_rank():05d}.pt"
-        if not extra_file.is_file():
-            raise FileNotFoundError(
-                f"{extra_file} is missing: the checkpoint was written with a different number of ranks; resume "
-                f"with the same world size"
-            )
-        extra = torch.load(extra_file, weights_only=False)
-        torch.set_rng_state(extra["rng_cpu"])
-        if "rng_cuda" in extra and torch.cuda.is_available():
-            torch.cuda.set_rng_state(extra["rng_cuda"])
+        # shared state (step, schedules, loader position) is identical on every rank: rank 0's file serves a
+        # job resumed at another world size; RNG state is restored where this rank's own file exists
+        own = path / f"extra_rank{_rank():05d}.pt"
+        first = path / "extra_rank00000.pt"
+        if not first.is_file():
+            raise CheckpointError(f"{first} is missing: the checkpoint is incomplete; resume from another one")
+        extra = torch.load(first, weights_only=False)
+        if own.is_file():
+            mine = torch.load(own, weights_only=False) if own != first else extra
+            torch.set_rng_state(mine["rng_cpu"])
+            if "rng_cuda" in mine and torch.cuda.is_available():
+                torch.cuda.set_rng_state(mine["rng_cuda"])
         return extra
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed by this job (incomplete, or holding other state)."""
 
 
 def _copy_into(dst: Any, src: Any) -> None:

@@ -1,14 +1,15 @@
 """The trainer: a fixed build order and a plain loop. No model- or recipe-specific branches live here.
 
 Build order (each step needs the ones before it):
-  1. process group + ParallelDims (named meshes)
-  2. model (pretrained weights or a seeded flavor; identical on every rank)
-  3. LoRA injection (before sharding: FSDP must see the final parameter set)
-  4. parallelize: SP processors + hooks -> activation checkpointing -> FSDP2
-  5. optimizer over trainable parameters, LR schedule (counted in optimizer steps)
-  6. recipe (the loss), EMA of trainable weights
-  7. loader over latent shards (dp rank decides the samples; SP peers get the same ones)
-  8. checkpoint manager; resume restores 4-7 exactly
+  1. process group (collective timeout, nccl + gloo on GPU) + ParallelDims (named meshes)
+  2. recipe: declares its models; each is made by the one model builder (meta init -> LoRA -> SP -> AC ->
+     FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
+  3. one optimizer + LR schedule per trainable module (the recipe may override optim keys per module)
+  4. EMA of the exported model's trainable weights
+  5. loader over latent shards (dp rank decides the samples; SP peers get the same ones)
+  6. checkpoint manager; resume restores 2-5 exactly, also at another world size or layout
+The step: for each phase the recipe names, grad_accum micro-batches of loss + backward, then per optimizer
+clip, a collective non-finite check (skip the update everywhere), step. Noise is keyed by the global batch index.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from fastpost.builder import ModelSpec, build_model
 from fastpost.checkpoint import CheckpointConfig, CheckpointManager, resolve_resume
 from fastpost.config import from_dict, to_dict
 from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
-from fastpost.distributed.fsdp import FSDPConfig
-from fastpost.lora import LoRAConfig, export_lora, full_state_dict, inject_lora
+from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
+from fastpost.export import export_lora, save_transformer
+from fastpost.lora import LoRAConfig
 from fastpost.metrics import MetricsLogger, clip_grad_norm, peak_memory_mib
 from fastpost.models import get_family
 from fastpost.recipes import RecipeContext, get_recipe
@@ -41,15 +44,24 @@ class ParallelConfig:
     dp_shard: int = -1
     ulysses: int = 1
     ring: int = 1
+    timeout_s: float = 1800.0  # collective timeout: a rank stuck this long fails the job instead of hanging it
 
 
 @dataclass
 class ModelConfig:
     family: str = "cogvideox"
-    flavor: str | None = "debug"
-    pretrained: str | None = None  # diffusers pipeline or transformer directory (or hub id)
-    init_seed: int = 0  # seeds random init when there is no pretrained checkpoint
+    flavor: str | None = "debug"  # random init only (no pretrained): the family's config of that name
+    pretrained: str | None = None  # local diffusers pipeline or transformer directory
+    init_seed: int = 0  # seeds random init when there is no pretrained checkpoint (and the LoRA init)
     attention_backend: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # stored weights (fsdp.param_dtype computes)
+    variant: str | None = None  # diffusers weight variant, e.g. fp16 -> diffusion_pytorch_model.fp16.safetensors
+    allow_pickle: bool = False  # accept pickled .bin weights (they can run code when loaded)
+
+    def spec(self, lora: LoRAConfig | None = None) -> ModelSpec:
+        return ModelSpec(pretrained=self.pretrained, flavor=self.flavor, init_seed=self.init_seed, dtype=self.dtype,
+                         variant=self.variant, lora=lora if lora is not None and lora.enabled else None,
+                         allow_pickle=self.allow_pickle)
 
 
 @dataclass
@@ -144,50 +156,67 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         # 1. process group and meshes
-        self.rank, world = init_distributed()
-        self.dims = ParallelDims(world_size=world, **to_dict(cfg.parallel))
+        self.rank, world = init_distributed(timeout_s=cfg.parallel.timeout_s)
+        self.dims = ParallelDims(world_size=world, **{k: v for k, v in to_dict(cfg.parallel).items()
+                                                      if k != "timeout_s"})
         self.dims.build_mesh()
-        # parallelize() puts the model on the mesh's device; batches follow it there (CPU: gloo, GPU: nccl)
+        # the builder puts models on the mesh's device; batches follow them there (CPU: gloo, GPU: nccl)
         self.device = torch.device(self.dims.mesh.device_type if self.dims.mesh is not None else "cpu")
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        # 2. model, identical on every rank
+        # 2. recipe and its models (each through the one builder)
         self.family = get_family(cfg.model.family)
-        torch.manual_seed(cfg.model.init_seed)
-        model = self.family.load(cfg.model.pretrained, cfg.model.flavor)
-        mc = model.config  # for tokens/s: latent voxels per token
-        self._voxels_per_token = (getattr(mc, "patch_size_t", None) or 1) * mc.patch_size ** 2
-        # 3. LoRA
-        if cfg.lora.enabled:
-            inject_lora(model, cfg.lora)
-        # 4. SP -> AC -> FSDP
-        self.model = self.family.parallelize(model, self.dims, cfg.ac, cfg.fsdp, cfg.model.attention_backend)
-        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        # 5. optimizer and schedule
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o, cfg.steps))
-        # 6. recipe, EMA
         recipe_cls = get_recipe(cfg.recipe)
         recipe_cfg = from_dict(recipe_cls.Config, cfg.recipe_args, where="recipe_args")
-        self.recipe = recipe_cls(recipe_cfg, RecipeContext(self.family, self.model, self.dims, cfg))
+        ctx = RecipeContext(self.family, self.dims, cfg, build=self._build, spec=cfg.model.spec(cfg.lora),
+                            build_module=self._build_module)
+        self.recipe = recipe_cls(recipe_cfg, ctx)
+        self.trainables = self.recipe.trainables()
+        self.model = self.recipe.export_model()
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        # 3. one optimizer and LR schedule per trainable module
+        self.optimizers, self.schedulers, self.params = {}, {}, {}
+        for name, t in self.trainables.items():
+            o = from_dict(OptimConfig, {**to_dict(cfg.optim), **t.optim}, where=f"optim ({name})")
+            self.params[name] = list(t.parameters().values())
+            if not self.params[name]:
+                raise ValueError(f"recipe {cfg.recipe!r}: trainable {name!r} has no parameter that requires grad")
+            self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=o.lr, betas=o.betas, eps=o.eps,
+                                                      weight_decay=o.weight_decay)
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(o, cfg.steps))
+        self._clip = {name: from_dict(OptimConfig, {**to_dict(cfg.optim), **t.optim}).grad_clip
+                      for name, t in self.trainables.items()}
+        # 4. EMA
         self.ema = EMA(self.trainable, cfg.ema_decay) if cfg.ema_decay else None
-        # 7. data
+        # 5. data
         if not cfg.data.path:
             raise ValueError("data.path is empty: point it at a latent shard folder written by `fastpost preprocess`")
         self.loader = ShardLoader.from_config(cfg.data, self.dims)
-        # 8. checkpoints
+        # 6. checkpoints
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
         self.bad_steps = 0
+        self.batches_seen = 0  # global micro-batches consumed (all dp ranks): keys the noise of the next one
         resume = resolve_resume(self.ckpt.root, cfg.checkpoint.resume)
         if resume is not None:
             self._load(resume)
         self.metrics = MetricsLogger(self.out, cfg.logging, self.rank, to_dict(cfg))
 
+    def _build(self, spec: ModelSpec):
+        cfg = self.cfg
+        model, _ = build_model(self.family, spec, self.dims, ac=cfg.ac, fsdp=cfg.fsdp,
+                               attention_backend=cfg.model.attention_backend, device=self.device)
+        return model
+
+    def _build_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A recipe's own small trainable module: fp32, sharded (so its gradients are averaged) on the mesh."""
+        return apply_fsdp(module, [], self.dims, FSDPConfig())
+
     # ---- checkpoint state ------------------------------------------------------------------------------------
+    def _modules(self) -> dict[str, tuple]:
+        return {name: (t.module, self.optimizers[name]) for name, t in self.trainables.items()}
+
     def _tensors(self) -> dict[str, Any]:
         tensors = {"recipe": self.recipe.state_tensors()}
         if self.ema is not None:
@@ -195,15 +224,16 @@ class Trainer:
         return tensors
 
     def save(self) -> Path:
-        extra = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
-                 "bad_steps": self.bad_steps}
-        return self.ckpt.save(self.step, self.model, self.optimizer, self._tensors(), extra)
+        extra = {"schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                 "loader": self.loader.state_dict(), "bad_steps": self.bad_steps, "batches_seen": self.batches_seen}
+        return self.ckpt.save(self.step, self._modules(), self._tensors(), extra)
 
     def _load(self, path: Path) -> None:
-        extra = self.ckpt.load(path, self.model, self.optimizer, self._tensors())
-        self.scheduler.load_state_dict(extra["scheduler"])
+        extra = self.ckpt.load(path, self._modules(), self._tensors())
+        for name, state in extra["schedulers"].items():
+            self.schedulers[name].load_state_dict(state)
         self.loader.load_state_dict(extra["loader"])
-        self.step, self.bad_steps = extra["step"], extra["bad_steps"]
+        self.step, self.bad_steps, self.batches_seen = extra["step"], extra["bad_steps"], extra["batches_seen"]
         if self.rank == 0:
             print(f"[fastpost] resumed from {path} at step {self.step}", flush=True)
 
@@ -221,40 +251,62 @@ class Trainer:
             t /= dist.get_world_size()
         return t.item()
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches: loss, backward, clip, step."""
+    def _update(self, phase: str, batches) -> dict[str, float] | None:
+        """One update of the phase's optimizers over grad_accum micro-batches; None if it was non-finite."""
         cfg, dims = self.cfg, self.dims
-        total_loss, samples, tokens, extra = 0.0, 0, 0, {}
+        for optimizer in self.optimizers.values():  # a phase's loss may reach other modules' parameters
+            optimizer.zero_grad(set_to_none=True)
+        total, samples, tokens, extra = 0.0, 0, 0, {}
         for micro in range(cfg.grad_accum):
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in next(batches).items()}
-            index = (self.step * cfg.grad_accum + micro) * dims.dp + dims.dp_rank  # global batch index
-            loss, extra = self.recipe.loss(batch, batch_generator(cfg.seed, index))
+            index = self.batches_seen + micro * dims.dp + dims.dp_rank  # this micro-batch's global index
+            loss, extra = self.recipe.loss(batch, batch_generator(cfg.seed, index), phase)
             (loss / cfg.grad_accum).backward()
-            total_loss += loss.item() / cfg.grad_accum
+            total += loss.item() / cfg.grad_accum
             samples += batch["latents"].shape[0]
-            tokens += batch["latents"][:, 0].numel() // self._voxels_per_token  # video tokens in this batch
-        grad_norm = clip_grad_norm(list(self.trainable.values()), cfg.optim.grad_clip)
-        finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
-        if self._any_rank(not finite):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            if self.bad_steps > cfg.max_bad_steps:
-                raise RuntimeError(
-                    f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (last loss {total_loss}); "
-                    f"lower optim.lr, check the data, or raise max_bad_steps"
-                )
-            return {"skipped": 1.0, "bad_steps": float(self.bad_steps)}
+            tokens += batch["latents"].shape[0] * self.family.video_tokens(self.model, batch["latents"].shape)
+        self.batches_seen += cfg.grad_accum * dims.dp
+        names = self.recipe.phase_trainables(phase)
+        norms = {n: clip_grad_norm(self.params[n], self._clip[n]) for n in names}
+        if self._any_rank(not (math.isfinite(total) and all(map(math.isfinite, norms.values())))):
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            return None
+        for n in names:
+            self.optimizers[n].step()
+            self.optimizers[n].zero_grad(set_to_none=True)
+        self.recipe.after_optimizer_step(phase, self.step)
+        key = "" if phase == "train" else f"_{phase}"
+        out = {f"loss{key}": self._mean_over_dp(total), "samples": samples * dims.dp, "tokens": tokens * dims.dp}
+        for n, norm in norms.items():
+            out["grad_norm" if n == "model" else f"grad_norm_{n}"] = norm
+        for k, v in extra.items():
+            out[f"{k}{key}"] = float(v.float().mean()) if isinstance(v, torch.Tensor) else float(v)
+        return out
+
+    def train_step(self, batches) -> dict[str, float]:
+        """One training step: every phase the recipe names, then the LR schedules and the EMA."""
+        metrics: dict[str, float] = {}
+        lrs = {n: s.get_last_lr()[0] for n, s in self.schedulers.items()}
+        for phase in self.recipe.phases(self.step):
+            out = self._update(phase, batches)
+            if out is None:
+                self.bad_steps += 1
+                if self.bad_steps > self.cfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (phase {phase!r}); "
+                        f"lower optim.lr, check the data, or raise max_bad_steps")
+                return {"skipped": 1.0, "bad_steps": float(self.bad_steps)}
+            for k, v in out.items():
+                metrics[k] = metrics.get(k, 0) + v if k in ("samples", "tokens") else v
         self.bad_steps = 0
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        self.recipe.after_optimizer_step(self.step)
-        return {"loss": self._mean_over_dp(total_loss), "lr": lr, "grad_norm": grad_norm,
-                "samples": samples * dims.dp, "tokens": tokens * dims.dp, **extra}
+        metrics.update({"lr" if n == "model" else f"lr_{n}": lr for n, lr in lrs.items()})
+        return metrics
 
     def fit(self) -> list[float]:
         cfg = self.cfg
@@ -279,8 +331,9 @@ class Trainer:
 
     # ---- export -------------------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """LoRA runs: diffusers-format LoRA weights (<out>/lora); full runs: a diffusers save_pretrained folder
-        (<out>/transformer). With ema_decay set, the EMA weights go to <out>/lora_ema or <out>/transformer_ema."""
+        """LoRA runs: diffusers-format LoRA weights (<out>/lora); full runs: a diffusers transformer folder
+        (<out>/transformer), streamed tensor by tensor from the shards. With ema_decay set, the EMA weights go to
+        <out>/lora_ema or <out>/transformer_ema."""
         path = self._export("")
         if self.ema is not None:
             with self.ema.swapped():
@@ -293,13 +346,7 @@ class Trainer:
             export_lora(self.model, path, self.family.pipeline_class)
         else:
             path = self.out / f"transformer{suffix}"
-            state = full_state_dict(self.model)
-            if self.rank == 0:
-                plain = self.family.load(self.cfg.model.pretrained, self.cfg.model.flavor)
-                plain.load_state_dict(state)
-                plain.save_pretrained(path)
-        if dist.is_initialized():
-            dist.barrier()
+            save_transformer(self.model, path)
         return path
 
     def close(self) -> None:

@@ -132,3 +132,19 @@ def test_phased_sampler_plugs_into_fastpost_sample(tmp_path):
     assert got.shape == want.shape and (got - want).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="runs a divisor of 4 steps, got steps=3"):
         VideoSampler(SampleConfig(**{**cfg.__dict__, "steps": 3})).generate(0)
+
+
+def test_lora_distill_shares_the_base_and_dp2_sp2_matches_world1(shards, tmp_path):
+    """LoRA: the teacher is the student with adapters off and the EMA target the student with EMA adapters
+    swapped in (no model copies); under FSDP the swap and the switch must be seen by the gathered weights."""
+    lora = {"enabled": True, "rank": 4, "alpha": 4}
+    run_distributed(_fit, 1, job(tmp_path / "w1", shards, 3, grad_accum=2, lora=lora))
+    run_distributed(_fit, 4, job(tmp_path / "w4", shards, 3, parallel={"ulysses": 2}, lora=lora))
+    w1, w4 = losses(tmp_path / "w1"), losses(tmp_path / "w4")
+    assert sorted(w1) == sorted(w4) == [1, 2, 3]
+    for s in w1:
+        assert abs(w1[s] - w4[s]) <= 1e-5 * max(1.0, abs(w1[s])), (s, w1[s], w4[s])
+    from safetensors.torch import load_file
+
+    trained = load_file(tmp_path / "w4" / "lora" / "pytorch_lora_weights.safetensors")
+    assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 0, "the LoRA did not train"

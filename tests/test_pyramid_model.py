@@ -87,7 +87,7 @@ def test_save_pretrained_roundtrip_and_family_api(tmp_path):
 
 
 def _ctx(model, family=FAMILY):
-    return RecipeContext(family, model, None, None)
+    return RecipeContext.for_model(family, model)
 
 
 def _batch(seed=0, b=4, frames=4, hw=8):

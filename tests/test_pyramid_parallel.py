@@ -39,7 +39,7 @@ def recipe_batch() -> dict:
 def recipe_loss_and_grads(model, dims=None):
     recipe_cls = get_recipe("pyramid_flow")
     recipe = recipe_cls(recipe_cls.Config(frame_per_unit=2, caption_dropout=0.25),
-                        RecipeContext(FAMILY, model, dims, None))
+                        RecipeContext.for_model(FAMILY, model, dims))
     loss, metrics = recipe.loss(recipe_batch(), torch.Generator().manual_seed(RECIPE_SEED))
     loss.backward()
     grads = {}

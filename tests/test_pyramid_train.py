@@ -33,7 +33,7 @@ def validation_loss(model, recipe_args: dict, batch: dict) -> dict[str, float]:
     for k in range(3):
         weights = tuple(1.0 if j == k else 0.0 for j in range(3))
         args = {**recipe_args, "caption_dropout": 0.0, "stage_weights": weights}
-        recipe = recipe_cls(recipe_cls.Config(**args), RecipeContext(FAMILY, model, None, None))
+        recipe = recipe_cls(recipe_cls.Config(**args), RecipeContext.for_model(FAMILY, model))
         with torch.no_grad():
             out[f"stage{k}"] = sum(recipe.loss(batch, torch.Generator().manual_seed(1000 + s))[0].item()
                                    for s in range(4)) / 4

@@ -90,12 +90,19 @@ def _cli_train(config: Path, *extra: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_kill9_resume_reproduces_losses_and_lora_export_loads_in_diffusers(shards, tmp_path):
-    lora = {"enabled": True, "rank": 4, "alpha": 8}  # alpha != rank: the export must carry the scale
-    ref_cfg = job(tmp_path / "ref", shards, steps=14, lora=lora, checkpoint={"every_steps": 4})
-    run_cfg = job(tmp_path / "run", shards, steps=14, lora=lora, checkpoint={"every_steps": 4})
-    for name, cfg in (("ref", ref_cfg), ("run", run_cfg)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+def _final_state(run_dir: Path) -> dict:
+    """Every tensor of a run's final DCP checkpoint (models, all optimizers, recipe tensors, EMA), by key."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return _load_state_dict_from_keys(checkpoint_id=str(step))
+
+
+def _kill9_and_resume(tmp_path: Path, cfg_of) -> tuple[Path, Path]:
+    """An uninterrupted run and a run SIGKILLed at step >= 6 of 14 then resumed: equal losses at every step and
+    bit-identical final checkpoints (every model, optimizer, recipe tensor and EMA)."""
+    for name in ("ref", "run"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg_of(tmp_path / name)))
 
     ref = _cli_train(tmp_path / "ref.yaml")
     out, _ = ref.communicate(timeout=300)
@@ -120,8 +127,60 @@ def test_kill9_resume_reproduces_losses_and_lora_export_loads_in_diffusers(shard
     assert sorted(got) == list(range(1, 15))
     for step in range(1, 15):
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step], killed_at)
+    a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "run")
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+    return tmp_path / "ref", tmp_path / "run"
 
-    _check_lora_export_in_pipeline(tmp_path / "ref", ref_cfg, tmp_path, shards)
+
+def test_kill9_resume_reproduces_losses_and_lora_export_loads_in_diffusers(shards, tmp_path):
+    """Two optimizers (LoRA + the learned loss weighting, each with its LR schedule) and the trainer's EMA."""
+    lora = {"enabled": True, "rank": 4, "alpha": 8}  # alpha != rank: the export must carry the scale
+
+    def cfg_of(out):
+        return job(out, shards, steps=14, lora=lora, checkpoint={"every_steps": 4}, ema_decay=0.9,
+                   recipe_args={"learned_weighting": True, "weighting_lr": 1e-2})
+
+    ref, _ = _kill9_and_resume(tmp_path, cfg_of)
+    state = _final_state(ref)
+    assert any(k.startswith("trainables.weighting.optim.state") for k in state), sorted(state)[:10]
+    assert any(k.startswith("ema.") for k in state)
+    _check_lora_export_in_pipeline(ref, cfg_of(ref), tmp_path, shards)
+
+
+def test_kill9_resume_is_exact_for_distillation_state(shards, tmp_path):
+    """The distillation recipe's own tensors (the EMA consistency target) survive kill -9 bit-exactly."""
+    lora = {"enabled": True, "rank": 4, "alpha": 4}
+
+    def cfg_of(out):
+        return job(out, shards, steps=14, lora=lora, checkpoint={"every_steps": 4}, recipe="distill",
+                   recipe_args={"num_teacher_steps": 8, "phases": 2, "target": "ema", "ema_decay": 0.5})
+
+    ref, _ = _kill9_and_resume(tmp_path, cfg_of)
+    assert any(k.startswith("recipe.target.") for k in _final_state(ref))
+
+
+def _stop_then_resume_worker(rank, world, cfg):
+    Trainer(from_dict(TrainConfig, cfg)).fit()
+
+
+def test_resume_at_another_world_size_continues_the_same_global_batches(shards, tmp_path):
+    """Saved at dp2 x sp2 (world 4), resumed at sp2 (world 2, grad_accum 2): DCP reshards model and AdamW, the
+    loader continues at the same global batch, and the losses equal an uninterrupted world-4 run."""
+    optim = {"lr": 3e-3, "warmup_steps": 0, "schedule": "constant"}  # the LR may not depend on `steps`
+    ckpt = {"every_steps": 0, "resume": "latest"}
+    run_distributed(_stop_then_resume_worker, 4, job(tmp_path / "ref", shards, steps=6, optim=optim,
+                                                     parallel={"ulysses": 2}))
+    run_distributed(_stop_then_resume_worker, 4, job(tmp_path / "run", shards, steps=3, optim=optim,
+                                                     parallel={"ulysses": 2}, checkpoint=ckpt))
+    run_distributed(_stop_then_resume_worker, 2, job(tmp_path / "run", shards, steps=6, optim=optim, grad_accum=2,
+                                                     parallel={"ulysses": 2}, checkpoint=ckpt))
+    want, got = read_losses(tmp_path / "ref"), read_losses(tmp_path / "run")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-5 * max(1.0, abs(want[step])), (step, got[step], want[step])
 
 
 def _check_lora_export_in_pipeline(run_dir: Path, cfg: dict, tmp_path: Path, shards: Path) -> None:

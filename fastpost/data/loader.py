@@ -112,21 +112,35 @@ class BucketBatchSampler:
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "dp_size": self.dp_size, "dp_rank": self.dp_rank, "num_samples": self.num_samples,
-                "shuffle": self.shuffle, "drop_last": self.drop_last}
+        # The position is kept in global batches (every dp rank has consumed `position` of its share), so a
+        # resume with another dp size continues at the same global batch.
+        return {"epoch": self.epoch, "position": self.position, "global_position": self.position * self.dp_size,
+                "seed": self.seed, "batch_size": self.batch_size, "dp_size": self.dp_size, "dp_rank": self.dp_rank,
+                "num_samples": self.num_samples, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "epoch_batches": len(self.global_batches(self.epoch))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # dp_rank may differ (every rank's state is identical apart from it, so rank 0's copy serves all);
         # anything that changes the global batch list may not.
-        for k in ("seed", "batch_size", "dp_size", "num_samples", "shuffle", "drop_last"):
+        for k in ("seed", "batch_size", "num_samples", "shuffle", "drop_last"):
             if state[k] != getattr(self, k):
                 raise ValueError(
                     f"loader state was saved with {k}={state[k]!r} but this loader has {k}={getattr(self, k)!r}; "
                     f"resuming would not continue the same sample order. Use the original setting, or start a "
                     f"fresh epoch by not loading the loader state"
                 )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch = int(state["epoch"])
+        global_position = int(state.get("global_position", int(state["position"]) * int(state["dp_size"])))
+        if state["dp_size"] != self.dp_size:
+            # the epoch's batch list is padded to a multiple of dp_size: it must come out the same
+            saved_len = state.get("epoch_batches")
+            if saved_len != len(self.global_batches(epoch)) or global_position % self.dp_size:
+                raise ValueError(
+                    f"loader state was saved at dp_size={state['dp_size']} after {global_position} global batches "
+                    f"of an epoch of {saved_len}; at dp_size={self.dp_size} that is not a whole step or the epoch "
+                    f"pads differently. Resume with a data-parallel size that divides both, or the original one"
+                )
+        self.epoch, self.position = epoch, global_position // self.dp_size
 
 
 def collate(samples: list[dict[str, Any]], indices: list[int] | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ Named meshes (all views of one root DeviceMesh, built once, passed explicitly; n
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass, field
@@ -156,10 +157,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment (or as a 1-process group).
 
-    Returns (rank, world_size). nccl on GPU, gloo on CPU. Idempotent.
+    Returns (rank, world_size). On GPU "cuda:nccl,cpu:gloo": device tensors go over nccl, and collectives on
+    CPU tensors (FSDP's CPU offload, grad norms of offloaded grads) over gloo. gloo on CPU. `timeout_s`: a
+    collective that waits longer fails the job with an error instead of hanging it. Idempotent.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -170,8 +173,9 @@ def init_distributed() -> tuple[int, int]:
         os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return rank, world_size

@@ -20,6 +20,7 @@ Sampling with the student is the same DDIM map from edge to edge (`phased_sample
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from fastpost.distributed.fsdp import reshard_all
-from fastpost.recipes import Recipe, RecipeContext
+from fastpost.recipes import Recipe, RecipeContext, Trainable
 
 
 @dataclass
@@ -161,6 +162,11 @@ def even_edges(n: int, steps: int) -> torch.Tensor:
 
 # ---- the recipe --------------------------------------------------------------------------------------------------
 class Distill(Recipe):
+    """Models: the student (trained); the teacher (frozen); the consistency target theta^- (EMA of the student).
+    With LoRA and the student's own base as teacher, neither costs a copy of the model: the teacher is the
+    student with its adapters switched off, and the target is the student with the EMA adapter weights swapped
+    in. Otherwise each is a frozen model from the builder, sharded like the student."""
+
     Config = DistillConfig
 
     def __init__(self, cfg: DistillConfig, ctx: RecipeContext):
@@ -169,36 +175,70 @@ class Distill(Recipe):
             raise ValueError(f"recipe_args.skip_steps must be >= 1, got {cfg.skip_steps}")
         if not 1.0 <= cfg.guidance_min <= cfg.guidance_max:
             raise ValueError(f"need 1 <= guidance_min <= guidance_max, got {cfg.guidance_min}, {cfg.guidance_max}")
-        tc = ctx.train_cfg
-        self.family, self.student = ctx.family, ctx.model
-        self.grid = make_grid(self.family, tc.model.flavor, cfg.num_teacher_steps, cfg.schedule, cfg.lq_threshold,
-                              cfg.lq_linear_steps)
+        spec = ctx.spec
+        self.family = ctx.family
+        self.grid = make_grid(self.family, ctx.train_cfg.model.flavor, cfg.num_teacher_steps, cfg.schedule,
+                              cfg.lq_threshold, cfg.lq_linear_steps)
         self.edges = phase_edges(cfg.num_teacher_steps, cfg.phases)
         # phase_end[i] = the edge that ends the phase containing grid point i
         self.phase_end = torch.tensor([int(self.edges[self.edges > i].min()) for i in range(cfg.num_teacher_steps)])
-        self.teacher = self._build(cfg.teacher or tc.model.pretrained, lora=False)
+        self.student = ctx.build(spec)
         self.trainable = {n: p for n, p in self.student.named_parameters() if p.requires_grad}
-        self.target = None
-        if cfg.target == "ema":
-            self.target = self._build(tc.model.pretrained, lora=tc.lora.enabled)
+        self.lora = spec.lora is not None and spec.lora.enabled
+        own_base = cfg.teacher is None or cfg.teacher == spec.pretrained
+        self.teacher = None if self.lora and own_base else ctx.build(
+            spec.with_(pretrained=cfg.teacher or spec.pretrained, lora=None, trainable=False))
+        self.target = None  # a separate target model (full finetune)
+        self.target_params: dict[str, torch.Tensor] = {}
+        if cfg.target == "ema" and self.lora:
+            self.target_params = {n: p.detach().clone() for n, p in self.trainable.items()}
+        elif cfg.target == "ema":
+            self.target = ctx.build(spec.with_(trainable=False))
             self.target_params = {n: p for n, p in self.target.named_parameters() if n in self.trainable}
             with torch.no_grad():
                 for n, p in self.target_params.items():
                     p.copy_(self.trainable[n])
         self._neg = None
 
-    def _build(self, pretrained: str | None, lora: bool) -> torch.nn.Module:
-        """Another copy of the model (teacher or EMA target), sharded like the student."""
-        from fastpost.distributed.activation_checkpoint import ACConfig
-        from fastpost.lora import inject_lora
+    def trainables(self):
+        return {"model": Trainable(self.student)}
 
-        tc = self.ctx.train_cfg
-        torch.manual_seed(tc.model.init_seed)
-        model = self.family.load(pretrained, tc.model.flavor)
-        if lora:
-            inject_lora(model, tc.lora)
-        model.requires_grad_(False)  # forward-only: FSDP then reshards every unit after forward
-        return self.family.parallelize(model, self.ctx.dims, ACConfig(), tc.fsdp, tc.model.attention_backend)
+    @contextlib.contextmanager
+    def _as_teacher(self):
+        """The teacher network: a model of its own, or the student with its LoRA adapters off."""
+        if self.teacher is not None:
+            yield self.teacher
+            return
+        # the flag alone: peft's enable_adapters() also flips requires_grad, which FSDP2 has already captured
+        # in its unsharded parameters (the student would then train nothing)
+        layers = _lora_layers(self.student)
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield self.student
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+
+    @contextlib.contextmanager
+    def _as_target(self):
+        """theta^-: the EMA model, or the student with the EMA adapter weights swapped in (FSDP's gathered copies
+        are dropped around the swap so the forward sees the swapped shards)."""
+        if self.target is not None or self.cfg.target != "ema":
+            yield self.target if self.target is not None else self.student
+            return
+        with torch.no_grad():
+            live = {n: p.detach().clone() for n, p in self.trainable.items()}
+            reshard_all(self.student)
+            for n, p in self.trainable.items():
+                p.copy_(self.target_params[n])
+        try:
+            yield self.student
+        finally:
+            with torch.no_grad():
+                reshard_all(self.student)
+                for n, p in self.trainable.items():
+                    p.copy_(live[n])
 
     def negative(self, embeds: torch.Tensor, mask: torch.Tensor):
         """Unconditional embeddings for CFG: the text encoder's "" if configured, else zeros with an empty mask."""
@@ -213,7 +253,7 @@ class Distill(Recipe):
         e, m = self._neg
         return e.to(embeds.device, embeds.dtype).expand_as(embeds), m.to(mask.device, mask.dtype).expand_as(mask)
 
-    def loss(self, batch, generator):
+    def loss(self, batch, generator, phase="train"):
         cfg, grid = self.cfg, self.grid
         x0 = batch["latents"].double()
         embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
@@ -227,28 +267,33 @@ class Distill(Recipe):
         x_n = a * x0 + b * eps
         neg = self.negative(embeds, mask) if w != 1.0 else None
         with torch.no_grad():
-            teacher_pred = guided_prediction(self.family, self.teacher, grid, x_n, n, embeds, mask, w, neg)
+            with self._as_teacher() as teacher:
+                teacher_pred = guided_prediction(self.family, teacher, grid, x_n, n, embeds, mask, w, neg)
             x_hat = grid.ddim(x_n, teacher_pred, n, n_next)
-            target_model = self.target if self.target is not None else self.student
-            target_pred = guided_prediction(self.family, target_model, grid, x_hat, n_next, embeds, mask, 1.0)
+            with self._as_target() as target_model:
+                target_pred = guided_prediction(self.family, target_model, grid, x_hat, n_next, embeds, mask, 1.0)
             target = grid.ddim(x_hat, target_pred, n_next, edge)  # == x_hat where n_next is the edge
         # FSDP keeps a forward-only model's root gathered; drop it so the EMA update below is seen next step
-        reshard_all(self.teacher)
-        if self.target is not None:
-            reshard_all(self.target)
+        for frozen in (self.teacher, self.target):
+            if frozen is not None:
+                reshard_all(frozen)
         student_pred = guided_prediction(self.family, self.student, grid, x_n, n, embeds, mask, 1.0)
         f = grid.ddim(x_n, student_pred, n, edge)
-        return pseudo_huber(f, target, cfg.huber_c), {"grid_index": n.float().mean().item(), "w": w}
+        return pseudo_huber(f, target, cfg.huber_c), {"grid_index": n.float().mean(), "w": w}
 
     @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
-        if self.target is None:
-            return
+    def after_optimizer_step(self, phase: str, step: int) -> None:
         for n, p in self.target_params.items():
             p.lerp_(self.trainable[n].detach(), 1 - self.cfg.ema_decay)
 
     def state_tensors(self):
-        return {"target": self.target_params} if self.target is not None else {}
+        return {"target": self.target_params} if self.target_params else {}
+
+
+def _lora_layers(model: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 RECIPE = Distill

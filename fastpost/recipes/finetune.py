@@ -6,6 +6,10 @@ v-prediction (CogVideoX): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,   t ~ U{0, ...
                          loss = || v_theta(x_t, t, c) - (sqrt(a_t) eps - sqrt(1 - a_t) x0) ||^2
 (diffusers' CogVideoX script minimises ||x0_hat - x0||^2 / (1 - a_t); substituting x0_hat = sqrt(a_t) x_t -
 sqrt(1 - a_t) v_hat shows that is exactly the v-loss above.)
+
+With learned_weighting (EDM2, Karras et al. 2024): a small net u(t) learns the log-variance of the loss at each
+noise level, and the objective becomes  mean_i ( ||v_theta - target||^2_i / exp(u(t_i)) + u(t_i) ),
+which balances noise levels automatically; u has its own optimizer ("weighting").
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import math
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpost.recipes import Recipe, RecipeContext
+from fastpost.recipes import Recipe, RecipeContext, Trainable
 
 
 @dataclass
@@ -26,6 +33,9 @@ class FinetuneConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     flow_shift: float = 1.0
+    learned_weighting: bool = False  # EDM2 uncertainty weighting u(t), trained by a second optimizer
+    weighting_lr: float = 1e-2
+    weighting_channels: int = 128
 
 
 def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -45,17 +55,45 @@ def _bcast(x_B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x_B.view(-1, *([1] * (like.dim() - 1)))
 
 
+class LossWeighting(nn.Module):
+    """u(c) for c = model timestep / 1000 in [0, 1]: fixed random Fourier features -> one linear unit, zero
+    initialised (so training starts with the plain loss)."""
+
+    def __init__(self, channels: int = 128, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(channels, generator=g))
+        self.register_buffer("phases", torch.rand(channels, generator=g))
+        self.linear = nn.Linear(channels, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, c_B: torch.Tensor) -> torch.Tensor:
+        features = torch.cos(2 * math.pi * (c_B[:, None].float() * self.freqs + self.phases)) * math.sqrt(2)
+        return self.linear(features).squeeze(-1)
+
+
 class Finetune(Recipe):
     Config = FinetuneConfig
 
     def __init__(self, cfg: FinetuneConfig, ctx: RecipeContext):
         super().__init__(cfg, ctx)
         self.family = ctx.family
+        self.model = ctx.build(ctx.spec)
+        self.weighting = None
+        if cfg.learned_weighting:
+            self.weighting = ctx.build_module(LossWeighting(cfg.weighting_channels))
         if self.family.prediction_type == "v_prediction":
-            scheduler = self.family.make_scheduler(ctx.train_cfg.model.flavor)
+            scheduler = self.family.make_scheduler(ctx.train_cfg.model.flavor if ctx.train_cfg else None)
             self.alphas_cumprod = scheduler.alphas_cumprod.float()
 
-    def loss(self, batch, generator):
+    def trainables(self):
+        out = {"model": Trainable(self.model)}
+        if self.weighting is not None:
+            out["weighting"] = Trainable(self.weighting, {"lr": self.cfg.weighting_lr, "weight_decay": 0.0})
+        return out
+
+    def loss(self, batch, generator, phase="train"):
         # Randomness comes from the CPU generator (identical on SP peers, any device), then moves to the data.
         x0 = batch["latents"].float()
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
@@ -64,18 +102,21 @@ class Finetune(Recipe):
             s = sample_flow_times(x0.shape[0], self.cfg, generator).to(x0.device)
             x_s = (1 - _bcast(s, x0)) * x0 + _bcast(s, x0) * eps
             target = eps - x0
-            pred = self.family.predict(self.ctx.model, x_s, s * 1000, embeds, mask)
-            t_mean = s.mean().item()
+            pred = self.family.predict(self.model, x_s, s * 1000, embeds, mask)
+            c = s
         else:
             t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator)
             a = _bcast(self.alphas_cumprod[t], x0).to(x0.device)
             t = t.to(x0.device)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
             target = a.sqrt() * eps - (1 - a).sqrt() * x0
-            pred = self.family.predict(self.ctx.model, x_t, t, embeds, mask)
-            t_mean = t.float().mean().item()
-        loss = F.mse_loss(pred.float(), target)
-        return loss, {"t_mean": t_mean}
+            pred = self.family.predict(self.model, x_t, t, embeds, mask)
+            c = t.float() / len(self.alphas_cumprod)
+        if self.weighting is None:
+            return F.mse_loss(pred.float(), target), {"t_mean": c}
+        mse_B = (pred.float() - target).pow(2).flatten(1).mean(dim=1)
+        u_B = self.weighting(c)
+        return (mse_B / u_B.exp() + u_B).mean(), {"t_mean": c, "mse": mse_B.detach().mean()}
 
 
 RECIPE = Finetune

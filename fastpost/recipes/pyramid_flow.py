@@ -29,7 +29,7 @@ from fastpost.models.pyramid.packing import Segment, pack, pad_batch, unpack_seg
 from fastpost.models.pyramid.pyramid import (
     PAPER_STAGE_RANGE, StageSchedule, down, frame_units, history_stages, interpolate, stage_endpoints, velocity,
 )
-from fastpost.recipes import Recipe, RecipeContext
+from fastpost.recipes import Recipe, RecipeContext, Trainable
 
 
 @dataclass
@@ -69,6 +69,7 @@ class PyramidFlow(Recipe):
         if ctx.family.name != "pyramid":
             raise ValueError(f"recipe pyramid_flow trains the 'pyramid' family (mixed-resolution token sequences), "
                              f"not {ctx.family.name!r}; use recipe: finetune for other families")
+        self.model = ctx.build(ctx.spec)
         self.sched = cfg.schedule()
         k = self.sched.num_stages
         weights = cfg.stage_weights or (1.0,) * k
@@ -78,6 +79,9 @@ class PyramidFlow(Recipe):
         for name in ("corrupt_ratio", "caption_dropout"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+
+    def trainables(self):
+        return {"model": Trainable(self.model)}
 
     def units(self, num_frames: int) -> list[tuple[int, int]]:
         return frame_units(num_frames, self.cfg.frame_per_unit) if self.cfg.temporal_pyramid else [(0, num_frames)]
@@ -113,10 +117,10 @@ class PyramidFlow(Recipe):
         segments.append(Segment(x_sigma, f0, sched.level(k)))
         return segments, sigma, velocity(start, end, s0, s1)
 
-    def loss(self, batch, generator):
+    def loss(self, batch, generator, phase="train"):
         x0 = batch["latents"].float()
         embeds, mask = batch["prompt_embeds"], batch.get("prompt_attention_mask")
-        model = self.ctx.model
+        model = self.model
         p = model.config.patch_size
         b, _, frames, height, width = x0.shape
         mult = p * 2 ** (self.sched.num_stages - 1)
@@ -143,8 +147,8 @@ class PyramidFlow(Recipe):
         preds = unpack_segment(out, packed, -1, p)  # the current unit of every sample, at its own resolution
         per_sample = torch.stack([((pr.float() - tg) ** 2).mean() for pr, tg in zip(preds, targets)])
         loss = per_sample.mean()
-        return loss, {"stage_mean": d.stage_B.float().mean().item(), "sigma_mean": sigma_B.mean().item(),
-                      "unit_mean": d.unit_B.float().mean().item(), "seq_len": float(packed.tokens.shape[1])}
+        return loss, {"stage_mean": d.stage_B.float().mean(), "sigma_mean": sigma_B.mean(),
+                      "unit_mean": d.unit_B.float().mean(), "seq_len": float(packed.tokens.shape[1])}
 
 
 RECIPE = PyramidFlow
