@@ -3,7 +3,8 @@
 Layout under <dir>:
   step_00000100/            a complete checkpoint (the name appears only once every rank has finished)
     .metadata, __0_0.distcp   DCP: model (trainable params only for LoRA), optimizer, recipe tensors (EMA, ...)
-    extra_rank00000.pt        per-rank plain state: step, LR scheduler, loader position, RNG, recipe extras
+    extra_rank00000.safetensors  per-rank plain state: step, LR scheduler, loader position, RNG, recipe extras
+                                 (tensors + JSON, never pickle: fastpost.safe_load)
   step_00000200.tmp/        a checkpoint being written (or killed mid-write): never resumed from, removed later
 
 Atomicity: every rank writes into `<name>.tmp`, a barrier proves all are done, then rank 0 renames it. A kill at
@@ -27,6 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+from fastpost.safe_load import UnsafeFileError, dcp_load, load_state, save_state
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -87,7 +90,8 @@ class CheckpointManager:
         self.root, self.keep_last = Path(root), keep_last
 
     def save(self, step: int, model, optimizer, tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
-        """Collective. `tensors` (DCP, may hold DTensors) and `extra` (torch.save, per rank) are free-form."""
+        """Collective. `tensors` (DCP, may hold DTensors) and `extra` (per rank: scalars, strings, tensors and
+        lists/tuples/dicts of them; saved without pickle) are free-form."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if _rank() == 0:
@@ -99,7 +103,7 @@ class CheckpointManager:
         extra = {**extra, "step": step, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             extra["rng_cuda"] = torch.cuda.get_rng_state()
-        _atomic_torch_save(extra, tmp / f"extra_rank{_rank():05d}.pt")
+        save_state(extra, tmp / f"extra_rank{_rank():05d}.safetensors")
         _barrier()
         if _rank() == 0:
             if final.exists():  # re-saving a step (e.g. after resume): replace
@@ -116,18 +120,23 @@ class CheckpointManager:
         """Collective. Loads in place into model/optimizer/tensors; returns this rank's extra state."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_model_options(model))
         state = {"model": model_sd, "optim": optim_sd, **tensors}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)  # no unrestricted unpickling of .metadata or non-tensor items
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_model_options(model))
         for key, value in tensors.items():
             _copy_into(value, state[key])
-        extra_file = path / f"extra_rank{_rank():05d}.pt"
+        extra_file = path / f"extra_rank{_rank():05d}.safetensors"
+        if not extra_file.is_file() and extra_file.with_suffix(".pt").is_file():
+            raise UnsafeFileError(
+                f"{extra_file.with_suffix('.pt')} is a pickled extra-state file (older fastpost); pickles can run "
+                f"code, so it is not loaded: re-create the checkpoint with this fastpost"
+            )
         if not extra_file.is_file():
             raise FileNotFoundError(
                 f"{extra_file} is missing: the checkpoint was written with a different number of ranks; resume "
                 f"with the same world size"
             )
-        extra = torch.load(extra_file, weights_only=False)
+        extra = load_state(extra_file)
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and torch.cuda.is_available():
             torch.cuda.set_rng_state(extra["rng_cuda"])
@@ -141,11 +150,3 @@ def _copy_into(dst: Any, src: Any) -> None:
     elif isinstance(dst, torch.Tensor) and dst is not src:
         dst.copy_(src)
 
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
