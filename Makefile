@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastpost-installed
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo assets clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): setup.py
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
+# writes outputs/demo/{loss_curve,before_after}.png among the rest
 demo: $(STAMP)
 	$(PY) -m fastpost.cli demo --workdir outputs/demo
+
+# copy the images of the last `make demo` into assets/ and redraw assets/architecture.png (commit the result)
+assets: $(STAMP)
+	$(PY) scripts/refresh_assets.py --workdir outputs/demo
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

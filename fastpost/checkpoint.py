@@ -5,8 +5,9 @@ Layout under <dir>:
     .metadata, __0_0.distcp   DCP: every trainable module (trainable params only for LoRA) and its optimizer,
                               recipe tensors (EMA target, ...), the trainer's EMA; resharded on load, so a job
                               may resume at another world size or layout
-    extra_rank00000.pt        per-rank plain state: step, LR schedulers, loader position (in global batches),
-                              RNG, counters; rank 0's copy is the shared truth
+    extra_rank00000.safetensors  per-rank plain state: step, LR schedulers, loader position (in global batches),
+                                 RNG, counters (tensors + JSON, never pickle: fastpost.safe_load); rank 0's copy
+                                 is the shared truth
   step_00000200.tmp/        a checkpoint being written (or killed mid-write): never resumed from, removed later
 
 Atomicity: every rank writes into `<name>.tmp`, a barrier proves all are done, then rank 0 renames it. A kill at
@@ -31,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+from fastpost.safe_load import UnsafeFileError, dcp_load, load_state, read_dcp_metadata, save_state
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -105,7 +108,7 @@ class CheckpointManager:
 
     def save(self, step: int, trainables: dict[str, tuple], tensors: dict[str, Any], extra: dict[str, Any]) -> Path:
         """Collective. `trainables`: name -> (module, optimizer); `tensors` (DCP, may hold DTensors) and `extra`
-        (per rank, plain values) are free-form."""
+        (per rank: scalars, strings, tensors and lists/tuples/dicts of them; saved without pickle) are free-form."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if _rank() == 0:
@@ -116,7 +119,7 @@ class CheckpointManager:
         extra = {**extra, "step": step, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             extra["rng_cuda"] = torch.cuda.get_rng_state()
-        _atomic_torch_save(extra, tmp / f"extra_rank{_rank():05d}.pt")
+        save_state(extra, tmp / f"extra_rank{_rank():05d}.safetensors")
         _barrier()
         if _rank() == 0:
             if final.exists():  # re-saving a step (e.g. after resume): replace
@@ -134,7 +137,7 @@ class CheckpointManager:
         tensor the checkpoint holds must have a home in this job and vice versa (a recipe whose state is not
         restored would silently continue from a fresh one)."""
         state = {**_module_state(trainables), **tensors}
-        stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        stored = set(read_dcp_metadata(Path(path) / ".metadata").state_dict_metadata)
         wanted = set(flatten_state_dict(state)[0])
         if stored != wanted:
             lost, absent = sorted(stored - wanted), sorted(wanted - stored)
@@ -142,7 +145,7 @@ class CheckpointManager:
                 f"checkpoint {path} does not match this job: {len(lost)} stored tensors have no place here (e.g. "
                 f"{lost[:3]}), {len(absent)} of this job's are not stored (e.g. {absent[:3]}). Resume with the same "
                 f"recipe, LoRA and EMA settings as the run that wrote it")
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)  # no unrestricted unpickling of .metadata or non-tensor items
         for i, (name, (module, optimizer)) in enumerate(trainables.items()):
             sd = state if i == 0 else state["trainables"][name]
             set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
@@ -151,13 +154,17 @@ class CheckpointManager:
             _copy_into(value, state[key])
         # shared state (step, schedules, loader position) is identical on every rank: rank 0's file serves a
         # job resumed at another world size; RNG state is restored where this rank's own file exists
-        own = path / f"extra_rank{_rank():05d}.pt"
-        first = path / "extra_rank00000.pt"
+        first = path / "extra_rank00000.safetensors"
+        own = path / f"extra_rank{_rank():05d}.safetensors"
+        if not first.is_file() and first.with_suffix(".pt").is_file():
+            raise UnsafeFileError(
+                f"{first.with_suffix('.pt')} is a pickled extra-state file (older fastpost); pickles can run "
+                f"code, so it is not loaded: re-create the checkpoint with this fastpost")
         if not first.is_file():
             raise CheckpointError(f"{first} is missing: the checkpoint is incomplete; resume from another one")
-        extra = torch.load(first, weights_only=False)
+        extra = load_state(first)
         if own.is_file():
-            mine = torch.load(own, weights_only=False) if own != first else extra
+            mine = load_state(own) if own != first else extra
             torch.set_rng_state(mine["rng_cpu"])
             if "rng_cuda" in mine and torch.cuda.is_available():
                 torch.cuda.set_rng_state(mine["rng_cuda"])
@@ -175,11 +182,3 @@ def _copy_into(dst: Any, src: Any) -> None:
     elif isinstance(dst, torch.Tensor) and dst is not src:
         dst.copy_(src)
 
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

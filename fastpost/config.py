@@ -148,3 +148,127 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     data = load_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides or []))
+
+
+# ---- describing a config class: `fastpost <command> --help` and `fastpost config show` ---------------------------
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its `# comment` in cls's source: the trailing comment of the field's line(s) plus aligned
+    continuation lines (`#   more`) below it; without one, the comment block right above the field."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # built dynamically, or no source shipped
+        return {}
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, the line holds only the comment)
+    lines = source.splitlines()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            line = tok.start[0]
+            comments[line] = (tok.string[1:], not lines[line - 1][: tok.start[1]].strip())
+    out: dict[str, str] = {}
+    used: set[int] = set()  # comment lines already taken as some field's continuation
+    body = ast.parse(source).body[0].body
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        parts = [comments[ln][0].strip() for ln in range(node.lineno, node.end_lineno + 1)
+                 if ln in comments and not comments[ln][1]]
+        if parts:
+            ln = node.end_lineno + 1
+            while ln in comments and comments[ln][1] and comments[ln][0].startswith("  "):
+                parts.append(comments[ln][0].strip())
+                used.add(ln)
+                ln += 1
+        else:
+            ln, above = node.lineno - 1, []
+            while ln in comments and comments[ln][1] and ln not in used:
+                above.insert(0, comments[ln][0].strip())
+                ln -= 1
+            parts = above
+        if parts:
+            out[node.target.id] = " ".join(p for p in parts if p)
+    return out
+
+
+def type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    if tp is Any:
+        return "any"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]" if inner else origin.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, tuples and paths -> dicts, lists and strings (what YAML/JSON can hold)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _fmt(value: Any) -> str:
+    import json
+
+    return json.dumps(plain(value)).replace("NaN", "nan")
+
+
+_REQUIRED = object()
+
+
+def describe(cls: type, instance: Any = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, comment) for every leaf field of dataclass `cls`, nested sections flattened.
+
+    `instance` supplies the defaults of a nested section whose parent builds it with a factory (e.g.
+    `data: LoaderConfig = field(default_factory=lambda: LoaderConfig(path=""))`)."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if instance is not None:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = _REQUIRED
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], None if default is _REQUIRED else default, key + ".")
+            continue
+        shown = "(required)" if default is _REQUIRED else _fmt(default)
+        rows.append((key, type_name(hints[f.name]), shown, comments.get(f.name, "")))
+    return rows
+
+
+def render_keys(cls: type, title: str, instance: Any = None, prefix: str = "") -> str:
+    """A help section listing cls's job-file keys: dotted name, type, default and the source comment."""
+    rows = describe(cls, instance, prefix)
+    w_key = max(len(r[0]) for r in rows)
+    w_type = min(max(len(r[1]) for r in rows), 28)
+    w_def = min(max(len(r[2]) for r in rows), 24)
+    lines = [title]
+    for key, tp, default, comment in rows:
+        line = f"  {key:<{w_key}}  {tp:<{w_type}}  {default:<{w_def}}"
+        lines.append((line + "  # " + comment if comment else line).rstrip())
+    return "\n".join(lines)
