@@ -92,10 +92,11 @@ def _cli_train(config: Path, *extra: str) -> subprocess.Popen:
 
 def _final_state(run_dir: Path) -> dict:
     """Every tensor of a run's final DCP checkpoint (models, all optimizers, recipe tensors, EMA), by key."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    return _load_state_dict_from_keys(checkpoint_id=str(step))
+    return flatten_state_dict(_load_state_dict_from_keys(checkpoint_id=str(step)))[0]
 
 
 def _kill9_and_resume(tmp_path: Path, cfg_of) -> tuple[Path, Path]:
@@ -129,9 +130,12 @@ def _kill9_and_resume(tmp_path: Path, cfg_of) -> tuple[Path, Path]:
         assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step], killed_at)
     a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "run")
     assert a.keys() == b.keys()
+    assert sum(isinstance(v, torch.Tensor) for v in a.values()) > 10
     for key in a:
         if isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
     return tmp_path / "ref", tmp_path / "run"
 
 
