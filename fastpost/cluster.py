@@ -68,6 +68,10 @@ class JobStop(RuntimeError):
         self.code, self.reason = code, reason
 
 
+class DataStop(JobStop, ShardError):
+    """A shard error agreed on by every rank (still a ShardError for callers that catch that)."""
+
+
 # ---- dying with the launcher ----------------------------------------------------------------------------------
 _PR_SET_PDEATHSIG = 1
 
@@ -107,7 +111,9 @@ def keep_exit_code() -> None:
 
 
 # ---- the output-folder lock -------------------------------------------------------------------------------------
-_held: dict[str, int] = {}  # resolved lock path -> fd: flock conflicts between two fds of one process too
+# resolved lock path -> [fd, users]: flock conflicts between two fds of one process too, so a second Trainer in
+# the same process (tests, notebooks) shares the first one's lock
+_held: dict[str, list[int]] = {}
 
 
 def _holder(fd: int) -> str:
@@ -123,8 +129,9 @@ def acquire_lock(out_dir: str | Path) -> tuple[int, str]:
     """
     path = Path(out_dir) / LOCK_FILE
     key = str(path.resolve())
-    if key in _held:  # a second Trainer in the same process (tests, notebooks): same job, same lock
-        return _held[key], ""
+    if key in _held:
+        _held[key][1] += 1
+        return _held[key][0], ""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -142,15 +149,18 @@ def acquire_lock(out_dir: str | Path) -> tuple[int, str]:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
     os.fsync(fd)
-    _held[key] = fd
+    _held[key] = [fd, 1]
     return fd, stale
 
 
 def release_lock(out_dir: str | Path) -> None:
     """Empty the lock file (a clean end leaves no stale holder) and drop the flock."""
     key = str((Path(out_dir) / LOCK_FILE).resolve())
-    fd = _held.pop(key, None)
-    if fd is not None:
+    if key not in _held:
+        return
+    _held[key][1] -= 1
+    if _held[key][1] == 0:
+        fd = _held.pop(key)[0]
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -196,6 +206,8 @@ class JobGuard:
                     print(f"[fastpost] took over the lock of {self.out} from a job that died ({stale})", flush=True)
             except JobStop as e:
                 message = str(e)
+            else:  # this job owns the folder now: a status left by an earlier run must not be read as ours
+                (self.out / STATUS_FILE).unlink(missing_ok=True)
         if self.cfg.lock and dist.is_initialized():
             box = [message]
             dist.broadcast_object_list(box, src=0)
@@ -248,7 +260,7 @@ class JobGuard:
                 messages: list[str] = [""] * dist.get_world_size()
                 dist.all_gather_object(messages, error)
                 error = next(m for m in messages if m)
-            raise JobStop(EXIT_BAD_INPUT, error, "data error")
+            raise DataStop(EXIT_BAD_INPUT, error, "data error")
         return bool(flags[0] > 0)
 
     def preempted(self, step: int, checkpoint: Path) -> JobStop:
