@@ -142,6 +142,26 @@ def test_bad_shards_exit_2_with_one_line_on_every_rank(tmp_path):
     assert status.startswith("2 data error: shard ") and "shard-00005" in status, status
 
 
+def test_loader_checks_sizes_when_built_and_the_next_batches_without_moving(tmp_path):
+    from fastpost.data.loader import ShardLoader
+    from fastpost.data.shards import ShardError
+
+    write_random_shards(tmp_path, 6, LATENT, TEXT_LEN, TEXT_DIM, samples_per_shard=1)
+    size = (tmp_path / "shard-00000.safetensors").stat().st_size
+    (tmp_path / "shard-00004.safetensors").write_bytes(b"\0" * size)  # same size, no valid header: rank 0's
+    (tmp_path / "shard-00005.safetensors").write_bytes(b"\0" * size)  # rank 1's third batch
+    loader = ShardLoader(tmp_path, 1, dp_rank=1, dp_size=2, shuffle=False)  # this rank reads samples 1, 3, 5
+    assert loader.sampler.upcoming(5) == [[1], [3], [5], [1], [3]]  # 3 batches per epoch: crosses into epoch 1
+    loader.check_next(2)
+    with pytest.raises(ShardError, match=r"shard-00005\.safetensors cannot be opened"):
+        loader.check_next(3)
+    assert loader.state_dict()["position"] == 0  # checking moved nothing
+    assert next(iter(loader))["indices"] == [1]
+    (tmp_path / "shard-00002.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(ShardError, match=r"shard-00002\.safetensors is truncated"):
+        ShardLoader(tmp_path, 1, dp_rank=1, dp_size=2)  # every shard's size, whichever rank reads it
+
+
 # ---- launcher death, the lock ------------------------------------------------------------------------------------
 def test_kill9_of_launcher_kills_workers_and_the_output_lock(tmp_path):
     shards = tmp_path / "shards"
