@@ -84,20 +84,40 @@ def _train(argv: list[str]) -> None:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory (= checkpoint.resume)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 parallel.ulysses=2")
     args = p.parse_args(argv)
+    from fastpost.cluster import EXIT_BAD_INPUT, EXIT_OK, JobStop, keep_exit_code, write_exit_status
     from fastpost.config import ConfigError, load_config
     from fastpost.data.shards import ShardError
     from fastpost.trainer import TrainConfig, Trainer
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    try:  # bad input (job file, overrides, shard folder): one line naming it and the fix, exit 2
+    try:  # bad input (job file, overrides, shard folder) or a busy output_dir: one line, its exit code, every rank
         trainer = Trainer(load_config(TrainConfig, args.config, overrides))
-    except (ConfigError, ShardError) as e:
-        print(f"fastpost train: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (ConfigError, ShardError, JobStop) as e:
+        keep_exit_code()
+        print(f"fastpost train: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.code if isinstance(e, JobStop) else EXIT_BAD_INPUT) from None
+    # Every stop below is decided collectively (the same on every rank), so every rank exits with the same code.
     try:
-        trainer.fit()
+        try:
+            trainer.fit()
+            code, reason, message = EXIT_OK, "done", ""
+        except JobStop as e:
+            code, reason, message = e.code, e.reason, str(e)
+        except ShardError as e:  # a shard changed on disk after the step-boundary check
+            code, reason, message = EXIT_BAD_INPUT, "data error", str(e)
+        if code != EXIT_OK:
+            keep_exit_code()
+        if trainer.rank == 0:  # while the lock is still held
+            write_exit_status(trainer.out, code, reason, message)
     finally:
         trainer.close()
+    if reason == "preempted":
+        if trainer.rank == 0:
+            print(f"fastpost train: preempted: {message}", file=sys.stderr, flush=True)
+    elif code != EXIT_OK:
+        print(f"fastpost train: error: {message}", file=sys.stderr, flush=True)
+    if code != EXIT_OK:
+        raise SystemExit(code)
 
 
 def _preprocess(argv: list[str]) -> None:

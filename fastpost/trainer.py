@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from fastpost.builder import ModelSpec, build_model
 from fastpost.checkpoint import CheckpointConfig, CheckpointManager, resolve_resume
+from fastpost.cluster import EXIT_DIVERGED, ClusterConfig, JobGuard, JobStop
 from fastpost.config import from_dict, to_dict
 from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
@@ -104,6 +105,7 @@ class TrainConfig:
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(path=""))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -165,6 +167,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+        self.guard = JobGuard(cfg.cluster, self.out, self.rank, self.device)  # output lock, die with launcher, signals
         # 2. recipe and its models (each through the one builder)
         self.family = get_family(cfg.model.family)
         recipe_cls = get_recipe(cfg.recipe)
@@ -192,7 +195,7 @@ class Trainer:
         # 5. data
         if not cfg.data.path:
             raise ValueError("data.path is empty: point it at a latent shard folder written by `fastpost preprocess`")
-        self.loader = ShardLoader.from_config(cfg.data, self.dims)
+        self.loader = self.guard.checked(lambda: ShardLoader.from_config(cfg.data, self.dims))  # collective
         # 6. checkpoints
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
@@ -294,9 +297,9 @@ class Trainer:
             if out is None:
                 self.bad_steps += 1
                 if self.bad_steps > self.cfg.max_bad_steps:
-                    raise RuntimeError(
-                        f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (phase {phase!r}); "
-                        f"lower optim.lr, check the data, or raise max_bad_steps")
+                    raise JobStop(EXIT_DIVERGED,
+                                  f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (phase "
+                                  f"{phase!r}); lower optim.lr, check the data, or raise max_bad_steps", "diverged")
                 return {"skipped": 1.0, "bad_steps": float(self.bad_steps)}
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0) + v if k in ("samples", "tokens") else v
@@ -314,6 +317,11 @@ class Trainer:
         losses = []
         t_last = time.perf_counter()
         while self.step < cfg.steps:
+            # collective: a stop signal on any rank, or a bad shard among the next step's samples on any rank
+            if self.guard.should_stop(lambda: self.loader.check_next(cfg.grad_accum)):
+                path = self.save()
+                self.metrics.close()
+                raise self.guard.preempted(self.step, path)
             metrics = self.train_step(batches)
             self.step += 1
             if "loss" in metrics:
@@ -322,7 +330,8 @@ class Trainer:
             metrics.update(step_time_s=now - t_last, peak_mem_mib=peak_memory_mib())
             t_last = now
             self.metrics.log(self.step, metrics)
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.steps:
+            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.steps
+                    and self.bad_steps == 0):  # saving mid-streak could rotate the last good checkpoint out
                 self.save()
         self.save()
         self.export()
@@ -350,5 +359,6 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        self.guard.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -111,6 +111,20 @@ class BucketBatchSampler:
             yield list(batch)
         self.epoch, self.position = self.epoch + 1, 0
 
+    def upcoming(self, n: int) -> list[list[int]]:
+        """The next n batches this rank will read (crossing into later epochs), without moving the state."""
+        out: list[list[int]] = []
+        epoch, position = self.epoch, self.position
+        while len(out) < n:
+            batches = (self._rank_batches(epoch) if epoch == self.epoch
+                       else self.global_batches(epoch)[self.dp_rank::self.dp_size])
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                continue
+            out.append(list(batches[position]))
+            position += 1
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         # The position is kept in global batches (every dp rank has consumed `position` of its share), so a
         # resume with another dp size continues at the same global batch.
@@ -166,6 +180,14 @@ class ShardLoader:
         self.dataset = dataset if isinstance(dataset, ShardDataset) else ShardDataset(dataset, verify=verify)
         self.sampler = BucketBatchSampler(self.dataset.shape_keys(), batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                           seed=seed, shuffle=shuffle, drop_last=drop_last)
+        self.dataset.check_sizes()  # a stat per shard: a truncated file fails here, on every rank alike
+
+    def check_next(self, n_batches: int) -> None:
+        """Raise the ShardError that reading the next n batches would raise, without reading their tensors
+        (the trainer runs this on every rank at a step boundary, where all ranks can stop together)."""
+        for indices in self.sampler.upcoming(n_batches):
+            for i in indices:
+                self.dataset.check_sample(i)
 
     @classmethod
     def from_parallel_dims(cls, dataset: ShardDataset | str | Path, batch_size: int, dims: Any,

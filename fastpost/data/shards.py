@@ -241,6 +241,30 @@ class ShardDataset:
             self._verified.add(shard)
         return path
 
+    def check_sizes(self) -> None:
+        """Every shard exists with its manifest size: one stat per shard, so loaders call it when built (a
+        truncated shard then fails before training instead of at its first read, deep inside a step)."""
+        for i, entry in enumerate(self.entries):
+            if entry["file"] is not None:  # a shard whose inputs all failed has no file
+                self.check_shard_file(i, verify=False)
+
+    def check_sample(self, i: int) -> None:
+        """Everything a read of sample i can fail on, without copying tensors: the file (size, checksum when
+        verifying), its header, and each tensor's presence and manifest shape."""
+        ref, record = self.samples[i], self._records[i]
+        h = self._handle(ref.shard)
+        for k in TENSOR_FIELDS:
+            name = f"{ref.key}.{k}"
+            try:
+                shape = list(h.get_slice(name).get_shape())
+            except Exception as e:
+                raise ShardError(f"shard {self.root / self.entries[ref.shard]['file']} has no readable tensor {name!r} ({e}); {_FIX}") from e
+            if shape != record[f"{k}_shape"]:
+                raise ShardError(
+                    f"shard {self.root / self.entries[ref.shard]['file']}: tensor {name} has shape {shape} but "
+                    f"the manifest says {record[f'{k}_shape']}; the shard and manifest do not belong together; {_FIX}"
+                )
+
     def verify_all(self) -> None:
         """Check every shard's size and sha256 (reads all bytes once)."""
         for i, entry in enumerate(self.entries):
