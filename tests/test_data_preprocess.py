@@ -18,7 +18,7 @@ from fastpost.data.shards import ShardDataset
 from fastpost.data.synthetic import SyntheticConfig, generate
 from fastpost.data.text import TextEncoder
 from fastpost.data.tiny import build_tiny_text_encoder, build_tiny_vae
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 RESOLUTIONS = [(64, 64), (48, 80)]
 

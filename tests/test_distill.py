@@ -11,7 +11,7 @@ from fastpost.models import get_family
 from fastpost.recipes.distill import (
     even_edges, linear_quadratic_sigmas, make_grid, phase_edges, phased_sample, pseudo_huber,
 )
-from fastpost.testing import run_distributed, write_random_shards
+from tests._harness import run_distributed, write_random_shards
 from fastpost.trainer import TrainConfig, Trainer
 
 LATENT = (4, 3, 10, 10)

@@ -15,11 +15,11 @@ import torch
 
 from fastpost.config import load_config
 from fastpost.models import get_family
-from fastpost.models._parity import make_model
+from tests._parity import make_model
 from fastpost.sampling import SampleConfig, SampleModelConfig, SampleParallelConfig, VideoSampler, check_parallel, main
 from fastpost.sampling_io import SampleError, read_prompts
 from fastpost.sampling_schedulers import linear_quadratic_schedule
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 TOL = 1e-5
 FRAMES = {"cogvideox": 9, "mochi": 7, "cogvideox15": 9}

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from fastpost.config import from_dict
-from fastpost.testing import run_distributed, write_random_shards
+from tests._harness import run_distributed, write_random_shards
 from fastpost.trainer import OptimConfig, TrainConfig, Trainer, lr_lambda
 
 LATENT = (4, 3, 10, 10)  # 3 latent frames of 5x5 patches: 75 video tokens, odd, so sp=2 pads
