@@ -152,7 +152,7 @@ def _check_lora_export_in_pipeline(run_dir: Path, cfg: dict, tmp_path: Path, sha
     from diffusers import AutoencoderKLCogVideoX
 
     pipe = CogVideoXPipeline(tokenizer=text.tokenizer, text_encoder=text.model,
-                             vae=AutoencoderKLCogVideoX.from_pretrained(build_tiny_vae(tmp_path / "vae")),
+                             vae=AutoencoderKLCogVideoX.from_pretrained(build_tiny_vae(tmp_path / "vae", family)),
                              transformer=base, scheduler=family.make_scheduler("debug"))
     pipe.load_lora_weights(run_dir / "lora")
 

@@ -160,14 +160,18 @@ class ModelFamily:
         """Video tokens per sample (the sequence SP splits) for latents of this shape."""
         return self.video_tokens_fn(model.config, tuple(latent_shape_BCFHW))
 
-    def voxels_per_token(self, config: Any) -> int:
-        """Latent voxels (frames x height x width) one video token covers: patch_t * patch_h * patch_w, from a
-        transformer config whose patch_size is an int (+ optional patch_size_t) or a (t, h, w) tuple (Wan)."""
+    def patch_sizes(self, config: Any) -> tuple[int, int, int]:
+        """(frames, height, width) latent voxels per video token, from a transformer config whose patch_size is an
+        int (+ optional patch_size_t) or a (t, h, w) tuple (Wan)."""
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         p = get("patch_size")
         if isinstance(p, (tuple, list)):
-            return math.prod(int(v) for v in p)
-        return (get("patch_size_t", None) or 1) * int(p) ** 2
+            return tuple(int(v) for v in p)
+        return int(get("patch_size_t", None) or 1), int(p), int(p)
+
+    def voxels_per_token(self, config: Any) -> int:
+        """Latent voxels one video token covers (patch_t * patch_h * patch_w), e.g. for MFU accounting."""
+        return math.prod(self.patch_sizes(config))
 
     @property
     def lora_target_modules(self) -> str:

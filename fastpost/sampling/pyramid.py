@@ -44,13 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastpost.data.shards import ShardDataset
     from fastpost.distributed.parallel_dims import ParallelDims, init_distributed
-    from fastpost.models import get_family
+    from fastpost.models.pyramid import FAMILY as family
 
     rank, world = init_distributed()
     try:
         dims = ParallelDims(ulysses=args.ulysses or world, world_size=world)
         dims.build_mesh()
-        family = get_family("pyramid")
         model = family.load(args.transformer).eval()
         family.apply_sequence_parallel(model, dims)
         item = ShardDataset(args.shards)[args.index]

@@ -142,7 +142,7 @@ def resolve_geometry(cfg: SampleConfig, family, model_config, vae_config: dict) 
         f0 = model_config.sample_frames
     h, w = cfg.height or h0, cfg.width or w0
     f = cfg.num_frames or f0
-    p = model_config.patch_size
+    pt, p, _ = family.patch_sizes(model_config)
     mult = spatial * p
     if h <= 0 or w <= 0 or h % mult or w % mult:
         raise SampleError(f"resolution {h}x{w} (height x width) is not valid for {family.name}: both must be positive "
@@ -155,7 +155,6 @@ def resolve_geometry(cfg: SampleConfig, family, model_config, vae_config: dict) 
         raise SampleError(f"the VAE has {vae_config.get('latent_channels')} latent channels but the transformer takes "
                           f"{model_config.in_channels}: model.vae does not belong to this model")
     latent_frames = (f - 1) // temporal + 1
-    pt = getattr(model_config, "patch_size_t", None) or 1
     pad = (pt - latent_frames % pt) % pt
     shape = (1, model_config.in_channels, latent_frames + pad, h // spatial, w // spatial)
     return Geometry(h, w, f, shape, pad)
