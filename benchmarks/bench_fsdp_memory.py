@@ -33,7 +33,7 @@ from fastpost.distributed import ParallelDims
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models import get_family
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 MODELS = {
     "mochi debug": {},

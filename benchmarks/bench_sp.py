@@ -44,7 +44,7 @@ from fastpost.distributed import ParallelDims
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models.toy import ToyDiT, ToyDiTConfig, parallelize
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 A2A = "_c10d_functional.all_to_all_single.default"
 

@@ -169,3 +169,12 @@ def attention(
         raise ValueError(f"attention mask must be 4-D (broadcastable to [B, H, Sq, Sk]), got shape {tuple(mask.shape)}")
     scale = 1.0 / _math.sqrt(q.shape[-1]) if scale is None else scale
     return resolve_backend(backend, q, k, v, mask).kernel(q, k, v, mask, scale)
+
+
+def apply_interleaved_rope(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE (channel pairs (2m, 2m+1) rotated by angle m, as Mochi and the pyramid model use), in
+    fp32; `cos`/`sin` hold head_dim/2 angles and broadcast against x_BSHD[..., 0::2] (e.g. [S, H, D/2] or
+    [B, S, 1, D/2])."""
+    even, odd = x_BSHD[..., 0::2].float(), x_BSHD[..., 1::2].float()
+    out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+    return out.to(x_BSHD.dtype)

@@ -250,7 +250,7 @@ def construct(family, spec: ModelSpec) -> nn.Module:
         if dtype != torch.float32:
             model.to(dtype)
     if spec.lora is not None and spec.lora.enabled:
-        _inject_real_lora(model, spec)
+        _inject_real_lora(model, spec, family.lora_target_modules)
     if spec.trainable:
         model.train()
     else:
@@ -268,12 +268,12 @@ def _cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
                 module._parameters[name] = nn.Parameter(p.to(dtype), requires_grad=p.requires_grad)
 
 
-def _inject_real_lora(model: nn.Module, spec: ModelSpec) -> None:
+def _inject_real_lora(model: nn.Module, spec: ModelSpec, default_targets=None) -> None:
     """peft puts adapters on the base weights' device, meta for a pretrained model: give them real initial
     values from a generator seeded the same on every rank."""
     from fastpost.lora import inject_lora
 
-    inject_lora(model, spec.lora)
+    inject_lora(model, spec.lora, default_targets)
     if any(p.is_meta for n, p in model.named_parameters() if "lora_" in n):
         from peft.tuners.lora import LoraLayer
 

@@ -145,7 +145,7 @@ def frame_strip(before: Path, after: Path, out_png: Path, columns: int = 6) -> i
 
 def prepare_data(work: Path, videos: int, seed: int = 0) -> None:
     """Stages 1-3: tiny pipeline, synthetic videos, latent shards (under work/pipeline, videos, shards)."""
-    from fastpost.data.tiny import build_tiny_pipeline
+    from fastpost.tiny import build_tiny_pipeline
 
     for stage in ("pipeline", "videos", "shards"):
         shutil.rmtree(work / stage, ignore_errors=True)  # always from scratch

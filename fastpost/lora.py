@@ -17,9 +17,11 @@ import torch.nn as nn
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
-# Attention projections inside the transformer blocks. Anchored on "transformer_blocks" because a bare "to_q"
-# also matches Mochi's time_embed.pooler.to_q (measured), which LoRA recipes do not mean to train.
-DEFAULT_TARGETS = r".*transformer_blocks\.\d+\.attn1?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)$"
+# Each family names its own targets (ModelFamily.lora_target_modules); callers pass them to inject_lora. This is
+# the fallback when neither the job nor the caller names any: the attention projections of any model whose blocks
+# are `transformer_blocks[i].attn` / `.attn1` (anchored there: a bare "to_q" also matches Mochi's
+# time_embed.pooler.to_q, measured).
+GENERIC_TARGETS = r".*transformer_blocks\.\d+\.attn1?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)$"
 
 
 @dataclass
@@ -28,18 +30,20 @@ class LoRAConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
-    # a regex (peft matches it against full module names) or a list of module-name suffixes
-    target_modules: str | list[str] = DEFAULT_TARGETS
+    # a regex (peft matches it against full module names) or a list of module-name suffixes; None: the family's
+    target_modules: str | list[str] | None = None
     init: str = "gaussian"  # peft init_lora_weights: "gaussian" (B = 0, so training starts at the base model)
     extra: dict = field(default_factory=dict)  # passed to peft.LoraConfig as is
 
 
-def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Add a LoRA adapter (named "default") and freeze everything else. Call before parallelize()."""
+def inject_lora(model: nn.Module, cfg: LoRAConfig, default_targets: str | list[str] | None = None) -> nn.Module:
+    """Add a LoRA adapter (named "default") and freeze everything else. Call before parallelize().
+    Targets: cfg.target_modules, else `default_targets` (pass family.lora_target_modules), else GENERIC_TARGETS."""
     from peft import LoraConfig
 
+    targets = cfg.target_modules or default_targets or GENERIC_TARGETS
     lora_config = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
         init_lora_weights=True if cfg.init == "default" else cfg.init, **cfg.extra,
     )
     model.requires_grad_(False)
@@ -54,7 +58,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         p.requires_grad_("lora_" in name)
         trainable += p.numel() if p.requires_grad else 0
     if trainable == 0:
-        raise ValueError(f"LoRA target_modules {cfg.target_modules!r} matched no module of {type(model).__name__}")
+        raise ValueError(f"LoRA target_modules {targets!r} matched no module of {type(model).__name__}")
     return model
 
 

@@ -75,12 +75,13 @@ def main() -> None:
 
     from fastpost.data.text import TextEncoder
     from fastpost.models import get_family
-    from fastpost.recipes.distill import even_edges, make_grid, phase_edges, phased_sample
+    from fastpost.noise import even_edges, make_grid, phase_edges
+    from fastpost.recipes.distill import phased_sample
 
     family = get_family("cogvideox")
     teacher = family.load(teacher_dir).eval()
     student = family.load(str(work / "student" / "transformer")).eval()
-    text = TextEncoder.from_pretrained(work / "pipeline", family="cogvideox")
+    text = TextEncoder.from_pretrained(work / "pipeline", family=family)
     embeds, mask = text.encode(HELD_OUT, 8)
     shape = (len(HELD_OUT), 4, 5, 8, 8)  # 17 frames at 64x64 -> 5 latent frames of 8x8
     grid = make_grid(family, "debug", 50)

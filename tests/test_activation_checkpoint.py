@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastpost.distributed import ParallelDims
 from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing, checkpoint_module
 from fastpost.models.toy import FLAVORS, ToyDiT
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 MODES = ["none", "full", "every_n", "selective"]
 

@@ -10,7 +10,7 @@ from fastpost.builder import BuildError, ModelSpec, build_model
 from fastpost.distributed import ParallelDims
 from fastpost.lora import LoRAConfig, full_state_dict
 from fastpost.models import get_family
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 
 @pytest.fixture(scope="module")

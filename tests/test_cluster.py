@@ -19,7 +19,7 @@ import yaml
 from fastpost import cluster
 from fastpost.checkpoint import CheckpointManager, complete_checkpoints, resolve_resume
 from fastpost.data.shards import append_manifest, create_manifest, write_shard
-from fastpost.testing import write_random_shards
+from tests._harness import write_random_shards
 
 LATENT = (4, 3, 10, 10)
 TEXT_LEN, TEXT_DIM = 8, 16

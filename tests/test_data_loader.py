@@ -10,7 +10,7 @@ import torch
 from fastpost.data import shards
 from fastpost.data.loader import BucketBatchSampler, LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 # Three buckets (latent frames 1 = images, 3 and 5 = videos) of sizes 10, 8, 6.
 BUCKET_SIZES = {1: 10, 3: 8, 5: 6}

@@ -18,7 +18,10 @@ from fastpost.data.shards import ShardDataset
 from fastpost.data.synthetic import SyntheticConfig, generate
 from fastpost.data.text import TextEncoder
 from fastpost.data.tiny import build_tiny_text_encoder, build_tiny_vae
-from fastpost.testing import run_distributed
+from fastpost.models import get_family
+from tests._harness import run_distributed
+
+COG, MOCHI = get_family("cogvideox"), get_family("mochi")
 
 RESOLUTIONS = [(64, 64), (48, 80)]
 
@@ -33,10 +36,10 @@ def env(tmp_path_factory):
     with open(root / "synth" / "metadata.jsonl", "a") as f:
         f.write(json.dumps({"path": "videos/corrupt.mp4", "caption": "a broken clip"}) + "\n")
     env = {"root": root, "data": str(root / "synth" / "metadata.jsonl"),
-           "vae": str(build_tiny_vae(root / "vae")), "te": str(build_tiny_text_encoder(root / "te"))}
+           "vae": str(build_tiny_vae(root / "vae", COG)), "te": str(build_tiny_text_encoder(root / "te"))}
     env["cfg"] = dict(data=env["data"], output_dir=str(root / "out"), vae=env["vae"], text_encoder=env["te"],
                       resolutions=RESOLUTIONS, samples_per_shard=3, max_frames=17)
-    env["report"] = pp.preprocess(from_dict(pp.PreprocessConfig, env["cfg"]))
+    env["report"] = pp.preprocess(from_dict(pp.PreprocessConfig, env["cfg"]), COG)
     return env
 
 
@@ -57,7 +60,7 @@ def test_report_counts_and_corrupt_input_is_skipped(env):
 def test_round_trip_is_bitwise(env):
     """Latents read back from shards equal what the VAE produced for the same decoded clip."""
     vae = pp.load_vae(env["vae"])
-    text = TextEncoder.from_pretrained(env["te"], family="cogvideox")
+    text = TextEncoder.from_pretrained(env["te"], family=COG)
     cfg = from_dict(pp.PreprocessConfig, env["cfg"])
     ds = ShardDataset(env["root"] / "out", verify=True)
     buckets = set()
@@ -98,10 +101,10 @@ def test_normalisation_round_trip_and_pipeline_formulas(env, tmp_path):
 
 def test_mochi_family(env, tmp_path):
     generate(SyntheticConfig(out_dir=str(tmp_path / "synth"), num_videos=2, num_images=1, frames=[15], seed=2))
-    vae_dir = build_tiny_vae(tmp_path / "vae", family="mochi")
+    vae_dir = build_tiny_vae(tmp_path / "vae", MOCHI)
     cfg = from_dict(pp.PreprocessConfig, dict(data=str(tmp_path / "synth"), output_dir=str(tmp_path / "out"),
                                               vae=str(vae_dir), text_encoder=env["te"], max_frames=15))
-    rep = pp.preprocess(cfg)
+    rep = pp.preprocess(cfg, MOCHI)
     assert rep["samples_written"] == 3 and rep["inputs_failed"] == 0
     ds = ShardDataset(tmp_path / "out")
     # 15 source frames -> 13 (6k+1) -> 3 latent frames; the still image -> 1 latent frame; 12 channels.
@@ -111,7 +114,7 @@ def test_mochi_family(env, tmp_path):
     assert header["vae"]["family"] == "mochi" and header["text_encoder"]["pass_mask"] is True
     assert header["vae"]["normalization"]["formula"].startswith("(mean - latents_mean) / latents_std")
     vae = pp.load_vae(vae_dir)
-    pixels, _ = pp.load_pixels(tmp_path / "synth" / ds[0]["source"], cfg, pp.frame_multiple(vae))
+    pixels, _ = pp.load_pixels(tmp_path / "synth" / ds[0]["source"], cfg, MOCHI.vae.frame_multiple(vae))
     raw = vae.encode(pixels[None]).latent_dist.mean
     assert torch.equal(ds[0]["latents"], pp.normalize_latents(vae, raw)[0])
 
@@ -139,7 +142,7 @@ def test_rerun_after_kill_redoes_only_the_unfinished_shard(env, tmp_path):
     ds = ShardDataset(out, verify=True)
     assert all(torch.equal(ds[i]["latents"], before[i]) for i in range(8))
     # A third run has nothing left to do.
-    rep = pp.preprocess(from_dict(pp.PreprocessConfig, {**env["cfg"], "output_dir": str(out)}))
+    rep = pp.preprocess(from_dict(pp.PreprocessConfig, {**env["cfg"], "output_dir": str(out)}), COG)
     assert (rep["shards_written"], rep["shards_skipped_complete"]) == (0, 3)
 
 
@@ -161,7 +164,7 @@ def test_sigkill_mid_run_then_rerun(env, tmp_path):
     _, done = shards.read_manifest(out)
     assert len(done) >= 2
     mtimes = {e["file"]: (out / e["file"]).stat().st_mtime_ns for e in done if e["file"]}
-    rep = pp.preprocess(from_dict(pp.PreprocessConfig, cfg))
+    rep = pp.preprocess(from_dict(pp.PreprocessConfig, cfg), COG)
     assert rep["shards_skipped_complete"] == len(done) and rep["shards_written"] == 9 - len(done)
     assert rep["dataset_samples"] == 8 and rep["shards_complete"] == 9
     assert all((out / f).stat().st_mtime_ns == t for f, t in mtimes.items())
@@ -171,9 +174,9 @@ def test_sigkill_mid_run_then_rerun(env, tmp_path):
 
 def test_growing_metadata_redoes_a_short_last_shard(env, tmp_path):
     cfg = {**env["cfg"], "output_dir": str(tmp_path / "out")}
-    rep = pp.preprocess(from_dict(pp.PreprocessConfig, {**cfg, "limit": 4}))  # shards: rows 0-2, row 3
+    rep = pp.preprocess(from_dict(pp.PreprocessConfig, {**cfg, "limit": 4}), COG)  # shards: rows 0-2, row 3
     assert (rep["shards_written"], rep["dataset_samples"]) == (2, 4)
-    rep = pp.preprocess(from_dict(pp.PreprocessConfig, cfg))
+    rep = pp.preprocess(from_dict(pp.PreprocessConfig, cfg), COG)
     # Shard 0 is kept; shard 1 now has rows 3-5, so it is rewritten; shard 2 is new.
     assert (rep["shards_skipped_complete"], rep["shards_written"], rep["dataset_samples"]) == (1, 2, 8)
     a, b = ShardDataset(tmp_path / "out"), ShardDataset(env["root"] / "out")
@@ -182,13 +185,13 @@ def test_growing_metadata_redoes_a_short_last_shard(env, tmp_path):
 
 def test_resume_with_different_settings_or_unknown_key_raises(env):
     with pytest.raises(ConfigError, match=r"different settings \(max_frames 17 -> 9\); use a new output_dir"):
-        pp.preprocess(from_dict(pp.PreprocessConfig, {**env["cfg"], "max_frames": 9}))
+        pp.preprocess(from_dict(pp.PreprocessConfig, {**env["cfg"], "max_frames": 9}), COG)
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['max_frame'\]"):
         pp.main([f"data={env['data']}", "output_dir=x", "vae=v", "text_encoder=t", "max_frame=3"])
 
 
 def _world2_worker(rank: int, world: int, cfg: dict) -> None:
-    pp.preprocess(from_dict(pp.PreprocessConfig, cfg))
+    pp.preprocess(from_dict(pp.PreprocessConfig, cfg), COG)
 
 
 def test_two_ranks_split_shards_and_match_world1(env, tmp_path):

@@ -11,7 +11,7 @@ from fastpost.models import get_family
 from fastpost.recipes.distill import (
     even_edges, linear_quadratic_sigmas, make_grid, phase_edges, phased_sample, pseudo_huber,
 )
-from fastpost.testing import run_distributed, write_random_shards
+from tests._harness import run_distributed, write_random_shards
 from fastpost.trainer import TrainConfig, Trainer
 
 LATENT = (4, 3, 10, 10)
@@ -114,7 +114,7 @@ def test_distill_dp2_sp2_matches_world1_and_resume_is_exact(shards, tmp_path):
 
 def test_phased_sampler_plugs_into_fastpost_sample(tmp_path):
     """`fastpost sample` with `sampler: phased` runs the student's few-step sampler: same latents as phased_sample."""
-    from fastpost.data.tiny import build_tiny_pipeline
+    from fastpost.tiny import build_tiny_pipeline
     from fastpost.sampling import SampleConfig, SampleModelConfig, VideoSampler
 
     pipe = build_tiny_pipeline(tmp_path / "pipe", "cogvideox")

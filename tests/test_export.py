@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from fastpost.builder import ModelSpec, build_model
-from fastpost.data.tiny import build_tiny_pipeline
+from fastpost.tiny import build_tiny_pipeline
 from fastpost.distributed import ParallelDims
 from fastpost.export import save_pipeline, save_transformer
 from fastpost.lora import LoRAConfig
 from fastpost.models import get_family
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 X = torch.randn(1, 4, 3, 10, 10, generator=torch.Generator().manual_seed(0))
 EMB = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))

@@ -10,7 +10,7 @@ from fastpost.distributed import ParallelDims
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models.toy import FLAVORS, ToyDiT, parallelize
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 STEPS, GLOBAL_BATCH, TOKENS, TEXT = 3, 4, 13, 5  # 13 tokens: not divisible by sp=2 or 4
 

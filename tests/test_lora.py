@@ -6,7 +6,7 @@ import torch
 
 from fastpost.lora import LoRAConfig, export_lora, inject_lora, load_lora
 from fastpost.models import get_family
-from fastpost.models._parity import make_model  # every weight perturbed: zero-initialised outputs hide nothing
+from tests._parity import make_model  # every weight perturbed: zero-initialised outputs hide nothing
 
 CASES = [("cogvideox", (1, 4, 3, 10, 10), 8), ("pyramid", (1, 4, 2, 8, 8), 8)]
 

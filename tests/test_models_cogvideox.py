@@ -15,8 +15,8 @@ from fastpost.distributed import ParallelDims
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models import get_family
-from fastpost.models._parity import Batch, make_model, parallel_errors, reference, train_export_errors
-from fastpost.testing import run_distributed
+from tests._parity import Batch, make_model, parallel_errors, reference, train_export_errors
+from tests._harness import run_distributed
 
 TOL = 1e-5
 BF16_TOL = 0.05  # relative; measured <= 0.011; one process with bf16 weights: the same

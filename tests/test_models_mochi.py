@@ -13,10 +13,10 @@ import torch
 from fastpost.distributed import ParallelDims
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models import get_family
-from fastpost.models._parity import (
+from tests._parity import (
     Batch, make_model, parallel_errors, precision_floor, reference, train_export_errors,
 )
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 TOL = 1e-5
 # bf16: SP + FSDP mixed precision may cost at most this factor over one process with bf16 weights (the precision

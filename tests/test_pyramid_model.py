@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastpost.models import get_family
-from fastpost.models._parity import make_model
+from tests._parity import make_model
 from fastpost.models.pyramid import forward_packed
 from fastpost.models.pyramid.packing import Segment, pack, pad_batch, unpack_segment
 from fastpost.recipes import RecipeContext, get_recipe

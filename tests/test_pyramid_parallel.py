@@ -12,10 +12,10 @@ from fastpost.distributed import ParallelDims
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models import get_family
-from fastpost.models._parity import Batch, make_model, parallel_errors, reference
+from tests._parity import Batch, make_model, parallel_errors, reference
 from fastpost.models.pyramid.sampling import PyramidSampleConfig, model_velocity, sample
 from fastpost.recipes import RecipeContext, get_recipe
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 TOL = 1e-5
 FAMILY = get_family("pyramid")

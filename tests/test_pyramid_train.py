@@ -12,7 +12,7 @@ from fastpost.data.shards import ShardDataset
 from fastpost.models import get_family
 from fastpost.models.pyramid.sampling import PyramidSampleConfig, model_velocity, sample
 from fastpost.recipes import RecipeContext, get_recipe
-from fastpost.testing import run_distributed, write_random_shards
+from tests._harness import run_distributed, write_random_shards
 from fastpost.trainer import TrainConfig, Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pyramid" / "train_debug.yaml"

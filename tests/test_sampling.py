@@ -15,11 +15,11 @@ import torch
 
 from fastpost.config import load_config
 from fastpost.models import get_family
-from fastpost.models._parity import make_model
+from tests._parity import make_model
 from fastpost.sampling import SampleConfig, SampleModelConfig, SampleParallelConfig, VideoSampler, check_parallel, main
-from fastpost.sampling_io import SampleError, read_prompts
-from fastpost.sampling_schedulers import linear_quadratic_schedule
-from fastpost.testing import run_distributed
+from fastpost.noise import linear_quadratic_sigmas as linear_quadratic_schedule
+from fastpost.sampling import SampleError, read_prompts
+from tests._harness import run_distributed
 
 TOL = 1e-5
 FRAMES = {"cogvideox": 9, "mochi": 7, "cogvideox15": 9}
@@ -38,8 +38,8 @@ def _pipeline(family: str, root: Path, flavor: str = "debug") -> Path:
 
     fam = get_family(family)
     text = build_tiny_text_encoder(root / "_text", d_model=16)
-    vae_cls = getattr(diffusers, fam.notes["vae_class"])
-    vae = vae_cls.from_pretrained(build_tiny_vae(root / "_vae", family))
+    vae_cls = getattr(diffusers, fam.vae.class_name)
+    vae = vae_cls.from_pretrained(build_tiny_vae(root / "_vae", fam))
     if family == "cogvideox":
         pipe_cls, scheduler = diffusers.CogVideoXPipeline, fam.make_scheduler(flavor)
     else:  # the real mochi-1-preview scheduler config: the inverted convention MochiPipeline expects
@@ -169,7 +169,8 @@ class _SameTimestepsScheduler:
 PLUGIN = '''
 from dataclasses import dataclass
 import torch
-from fastpost.sampling_schedulers import linear_quadratic_schedule, register_sampler
+from fastpost.noise import linear_quadratic_sigmas as linear_quadratic_schedule
+from fastpost.sampling import register_sampler
 
 @dataclass
 class ManualEulerConfig:

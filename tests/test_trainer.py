@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from fastpost.config import from_dict
-from fastpost.testing import run_distributed, write_random_shards
+from tests._harness import run_distributed, write_random_shards
 from fastpost.trainer import OptimConfig, TrainConfig, Trainer, lr_lambda
 
 LATENT = (4, 3, 10, 10)  # 3 latent frames of 5x5 patches: 75 video tokens, odd, so sp=2 pads
@@ -215,7 +215,7 @@ def _check_lora_export_in_pipeline(run_dir: Path, cfg: dict, tmp_path: Path, sha
     from diffusers import AutoencoderKLCogVideoX
 
     pipe = CogVideoXPipeline(tokenizer=text.tokenizer, text_encoder=text.model,
-                             vae=AutoencoderKLCogVideoX.from_pretrained(build_tiny_vae(tmp_path / "vae")),
+                             vae=AutoencoderKLCogVideoX.from_pretrained(build_tiny_vae(tmp_path / "vae", family)),
                              transformer=base, scheduler=family.make_scheduler("debug"))
     pipe.load_lora_weights(run_dir / "lora")
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from fastpost.distributed import ParallelDims
 from fastpost.distributed.ulysses import SPGroup, gather_sequence, local_seq_len, shard_sequence, sp_attention
-from fastpost.testing import run_distributed
+from tests._harness import run_distributed
 
 TOL = 1e-5
 

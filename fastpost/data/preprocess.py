@@ -27,15 +27,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastpost.components import denormalize_latents, latent_norm, load_vae, normalize_latents
 from fastpost.config import ConfigError, apply_overrides, from_dict, load_yaml
 from fastpost.data import shards
 from fastpost.data.text import TextEncoder
+from fastpost.distributed.fsdp import DTYPES
 
 log = logging.getLogger("fastpost.data.preprocess")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 REPORT = "preprocess_report.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_VAE_FAMILIES = {"AutoencoderKLCogVideoX": "cogvideox", "AutoencoderKLMochi": "mochi"}
 
 
 @dataclass
@@ -44,6 +44,8 @@ class PreprocessConfig:
     output_dir: str
     vae: str  # a VAE folder (save_pretrained) or a diffusers pipeline folder with vae/
     text_encoder: str  # a folder with tokenizer + T5 encoder, or a pipeline folder with tokenizer/ text_encoder/
+    family: str | None = None  # the model family (its VAE and text conventions); None: the one whose VAE class
+    #                            the `vae` folder holds (resolved by `main`)
     resolutions: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])  # (height, width) buckets
     max_frames: int = 25  # upper bound; the count used is the largest VAE-valid one (4k+1 / 6k+1) that fits
     frame_stride: int = 1  # take every n-th source frame
@@ -53,6 +55,7 @@ class PreprocessConfig:
     device: str = "auto"
     vae_tiling: bool = False  # diffusers' tiled encode: needed for full-size clips on one GPU; off = exact
     text_encoder_pass_mask: bool | None = None  # None: what the family's diffusers pipeline does
+    allow_pickle: bool = False  # accept pickled .bin weights for the VAE / text encoder (they can run code)
     limit: int | None = None  # only the first N metadata rows (smoke runs)
 
     def __post_init__(self) -> None:
@@ -63,82 +66,9 @@ class PreprocessConfig:
                 raise ConfigError(f"PreprocessConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-# ---- VAE + latent normalisation ------------------------------------------------------------------
-def vae_family(vae_or_config: Any) -> str:
-    cfg = getattr(vae_or_config, "config", vae_or_config)
-    name = cfg.get("_class_name") or type(vae_or_config).__name__
-    if name not in _VAE_FAMILIES:
-        raise ValueError(f"unsupported VAE class {name!r}; supported: {sorted(_VAE_FAMILIES)}")
-    return _VAE_FAMILIES[name]
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Load AutoencoderKLCogVideoX / AutoencoderKLMochi from a VAE folder or a pipeline folder (vae/)."""
-    import diffusers
-
-    path = Path(path)
-    if (path / "vae" / "config.json").is_file():
-        path = path / "vae"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no VAE config.json in {str(path)!r}; pass a folder written by save_pretrained")
-    name = json.loads((path / "config.json").read_text()).get("_class_name")
-    if name not in _VAE_FAMILIES:
-        raise ValueError(f"VAE in {str(path)!r} is {name!r}; supported: {sorted(_VAE_FAMILIES)}")
-    # torch_dtype at load time (not .to(dtype)) so diffusers keeps any fp32-pinned modules in fp32.
-    return getattr(diffusers, name).from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
-
-
-def latent_norm(vae_or_config: Any) -> dict[str, Any]:
-    """The normalisation constants, as recorded in the manifest header (accepts a VAE, its config or this dict)."""
-    if isinstance(vae_or_config, dict) and "formula" in vae_or_config:
-        return vae_or_config
-    cfg = getattr(vae_or_config, "config", vae_or_config)
-    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
-    sf = float(cfg.get("scaling_factor") or 1.0)
-    if mean is not None and std is not None:
-        # MochiPipeline decodes with z * std / sf + mean, so the DiT-side value is (x - mean) / std * sf.
-        return {"formula": "(mean - latents_mean) / latents_std * scaling_factor", "scaling_factor": sf,
-                "latents_mean": [float(v) for v in mean], "latents_std": [float(v) for v in std]}
-    # CogVideoXPipeline decodes with z / sf (shift_factor is None for CogVideoX).
-    shift = cfg.get("shift_factor")
-    return {"formula": "(mean - shift_factor) * scaling_factor", "scaling_factor": sf,
-            "shift_factor": float(shift or 0.0)}
-
-
-def _channel_view(values: list[float], like: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    shape = [1] * like.ndim
-    shape[channel_dim] = len(values)
-    return torch.tensor(values, dtype=torch.float32).view(shape).to(like.device)
-
-
-def normalize_latents(vae: Any, x: torch.Tensor, channel_dim: int = -4) -> torch.Tensor:
-    """Posterior-mean latents -> DiT-input latents ([..., C, F, H, W]); computed in fp32, returned in x.dtype."""
-    n = latent_norm(vae)
-    x32 = x.float()
-    if "latents_mean" in n:
-        mean = _channel_view(n["latents_mean"], x32, channel_dim)
-        std = _channel_view(n["latents_std"], x32, channel_dim)
-        return ((x32 - mean) / std * n["scaling_factor"]).to(x.dtype)
-    return ((x32 - n["shift_factor"]) * n["scaling_factor"]).to(x.dtype)
-
-
-def denormalize_latents(vae: Any, z: torch.Tensor, channel_dim: int = -4) -> torch.Tensor:
-    """Inverse of normalize_latents: DiT-output latents -> what vae.decode expects."""
-    n = latent_norm(vae)
-    z32 = z.float()
-    if "latents_mean" in n:
-        mean = _channel_view(n["latents_mean"], z32, channel_dim)
-        std = _channel_view(n["latents_std"], z32, channel_dim)
-        return (z32 * std / n["scaling_factor"] + mean).to(z.dtype)
-    return (z32 / n["scaling_factor"] + n["shift_factor"]).to(z.dtype)
-
-
-def frame_multiple(vae: Any) -> int:
-    """Valid pixel frame counts are k * multiple + 1 (CogVideoX 4, Mochi 6 = prod(temporal_expansions))."""
-    cfg = vae.config
-    if vae_family(vae) == "mochi":
-        return int(math.prod(cfg.temporal_expansions))
-    return int(cfg.temporal_compression_ratio)
+# ---- VAE + latent normalisation (the helpers live in fastpost.components; re-exported for callers of this module)
+__all__ = ["PreprocessConfig", "preprocess", "main", "load_vae", "latent_norm", "normalize_latents",
+           "denormalize_latents", "valid_frame_count", "encode_video", "load_pixels"]
 
 
 def valid_frame_count(available: int, multiple: int, max_frames: int) -> int:
@@ -236,10 +166,10 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _header(cfg: PreprocessConfig, vae: Any, text: TextEncoder) -> dict[str, Any]:
+def _header(cfg: PreprocessConfig, family: Any, vae: Any, text: TextEncoder) -> dict[str, Any]:
     return {
-        "vae": {"family": vae_family(vae), "class": type(vae).__name__, "path": str(cfg.vae),
-                "normalization": latent_norm(vae), "frame_multiple": frame_multiple(vae)},
+        "vae": {"family": family.name, "class": type(vae).__name__, "path": str(cfg.vae),
+                "normalization": latent_norm(vae), "frame_multiple": family.vae.frame_multiple(vae)},
         "text_encoder": {"path": str(cfg.text_encoder), "hidden_size": text.hidden_size,
                          "max_length": cfg.max_text_length, "pass_mask": text.pass_mask},
         "latents": "posterior mean, normalised for the DiT input (fastpost.data.preprocess.normalize_latents)",
@@ -273,22 +203,26 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Run (or resume) preprocessing on this rank's shards; returns the merged report (written by rank 0)."""
+def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
+    """Run (or resume) preprocessing on this rank's shards with a model family's VAE and text conventions
+    (fastpost.models.get_family(name)); returns the merged report (written by rank 0)."""
     t0 = time.time()
     rank, world = _world()
-    device, dtype = _resolve_device(cfg.device), _DTYPES[cfg.dtype]
+    device, dtype = _resolve_device(cfg.device), DTYPES[cfg.dtype]
     root = Path(cfg.output_dir)
     base, rows = read_metadata(cfg.data, cfg.limit)
+    if family.vae is None:
+        raise ConfigError(f"model family {family.name!r} has no VAE of its own: preprocess with the family whose "
+                          f"VAE made its latents")
     # Encode in fp32 and cast at storage time: the stored value is then independent of the storage dtype.
-    vae = load_vae(cfg.vae, device=device)
+    vae = load_vae(cfg.vae, device=device, spec=family.vae, allow_pickle=cfg.allow_pickle)
     if cfg.vae_tiling:
         vae.enable_tiling()
-    family = vae_family(vae)
     text = TextEncoder.from_pretrained(cfg.text_encoder, family=family, pass_mask=cfg.text_encoder_pass_mask,
+                                       allow_pickle=cfg.allow_pickle,
                                        device=device)
-    multiple = frame_multiple(vae)
-    header = _header(cfg, vae, text)
+    multiple = family.vae.frame_multiple(vae)
+    header = _header(cfg, family, vae, text)
     if rank == 0 and not (root / shards.MANIFEST).is_file():
         shards.create_manifest(root, header)
     if world > 1:
@@ -358,6 +292,20 @@ def preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     return report
 
 
+def _family(cfg: PreprocessConfig):
+    """The command's composition root: the one place the data command looks up a model family (by name, or by the
+    VAE class of the `vae` folder); everything below it takes the family object."""
+    from fastpost.models import family_for_vae, get_family
+
+    if cfg.family is not None:
+        return get_family(cfg.family)
+    path = Path(cfg.vae)
+    path = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no VAE config.json in {str(path)!r}; pass a folder written by save_pretrained")
+    return family_for_vae(json.loads((path / "config.json").read_text()).get("_class_name"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="fastpost preprocess",
@@ -379,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         started = True
     try:
         rank = _world()[0]
-        report = preprocess(cfg)
+        report = preprocess(cfg, _family(cfg))
     finally:
         if started:
             dist.destroy_process_group()

@@ -212,6 +212,31 @@ def generate(cfg: SyntheticConfig) -> list[dict]:
     return records
 
 
+def write_latent_shards(root, n_samples: int, latent_shape: tuple[int, ...], text_len: int, text_dim: int,
+                        samples_per_shard: int = 4, seed: int = 0, classes: int = 4) -> None:
+    """A learnable latent dataset in the real shard format (no VAE needed): each sample is one of `classes`
+    fixed latent patterns plus noise, with the class's prompt embedding, so a conditional model can fit it."""
+    import torch
+
+    from fastpost.data.shards import append_manifest, create_manifest, write_shard
+
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(classes, *latent_shape, generator=g)
+    embeds = torch.randn(classes, text_len, text_dim, generator=g)
+    create_manifest(root, {"vae_family": "synthetic", "note": "fastpost.data.synthetic.write_latent_shards"})
+    samples = []
+    for i in range(n_samples):
+        c = i % classes
+        samples.append({
+            "latents": patterns[c] + 0.1 * torch.randn(latent_shape, generator=g),
+            "prompt_embeds": embeds[c],
+            "prompt_attention_mask": torch.ones(text_len, dtype=torch.long),
+            "caption": f"class {c}", "source": f"synthetic/{i}", "bucket": "x".join(map(str, latent_shape)),
+        })
+    for s, start in enumerate(range(0, n_samples, samples_per_shard)):
+        append_manifest(root, write_shard(root, s, samples[start:start + samples_per_shard]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="make_synthetic_videos",

@@ -1,19 +1,33 @@
 """Text encoder wrapper shared by preprocessing and the sampler: prompts -> (embeds [B,T,D], mask [B,T]).
 
-Both sides must produce the same embeddings for the same prompt, so the one thing that differs between the
-diffusers pipelines lives here as an explicit flag: CogVideoXPipeline calls the T5 encoder *without* the
-attention mask (padding tokens attend to everything), MochiPipeline passes it. `pass_mask=None` picks the
-family default so that fine-tuning real checkpoints sees the embeddings they were trained with.
+Both sides must produce the same embeddings for the same prompt, so what differs between the diffusers pipelines
+comes from the family's TextSpec (fastpost.components): the encoder class, whether the encoder sees the attention
+mask (CogVideoXPipeline: no, padding tokens attend to everything; MochiPipeline: yes) and whether padding
+embeddings are zeroed. Fine-tuning real checkpoints then sees the embeddings they were trained with.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-# What each diffusers pipeline does when it runs the T5 encoder (see _get_t5_prompt_embeds in each pipeline).
-FAMILY_PASSES_MASK = {"cogvideox": False, "mochi": True}
+from fastpost.components import TextSpec
+
+
+def text_spec(family_or_spec: Any) -> TextSpec | None:
+    """A TextSpec from a TextSpec, a model family (its `.text`) or None. Family *names* are not looked up here
+    (data does not import the model registry): pass fastpost.models.get_family(name)."""
+    if family_or_spec is None or isinstance(family_or_spec, TextSpec):
+        return family_or_spec
+    if isinstance(family_or_spec, str):
+        raise TypeError(f"pass the model family object (fastpost.models.get_family({family_or_spec!r})) or its "
+                        f".text spec, not the name {family_or_spec!r}")
+    spec = getattr(family_or_spec, "text", None)
+    if spec is None:
+        raise ValueError(f"model family {getattr(family_or_spec, 'name', family_or_spec)!r} has no text encoder")
+    return spec
 
 
 def _component_dir(path: str | Path, subfolder: str) -> Path:
@@ -28,21 +42,27 @@ class TextEncoder:
     """A tokenizer + T5-style encoder pair; `encode` pads every prompt to `max_length` so samples stack."""
 
     def __init__(self, tokenizer, model: torch.nn.Module, pass_mask: bool = True,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 zero_padding: bool = False) -> None:
         self.tokenizer = tokenizer
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.pass_mask = pass_mask
+        self.zero_padding = zero_padding
         self.device = torch.device(device)
         self.dtype = dtype
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, family: str | None = None, pass_mask: bool | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "TextEncoder":
+    def from_pretrained(cls, path: str | Path, family: Any = None, pass_mask: bool | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        allow_pickle: bool = False) -> "TextEncoder":
         """Load from a folder holding both tokenizer and encoder files, or a pipeline folder.
 
-        pass_mask: None -> the family's pipeline convention (FAMILY_PASSES_MASK), True when family is None.
+        family: a model family or its TextSpec (encoder/tokenizer classes, conventions); None: T5, mask passed.
+        pass_mask: None -> the spec's pipeline convention.
         """
-        from transformers import AutoTokenizer, T5EncoderModel
+        import transformers
+
+        spec = text_spec(family) or TextSpec()
 
         tok_dir, enc_dir = _component_dir(path, "tokenizer"), _component_dir(path, "text_encoder")
         if not (enc_dir / "config.json").is_file():
@@ -50,11 +70,13 @@ class TextEncoder:
                 f"no text encoder config.json under {str(path)!r}; pass a folder saved with save_pretrained "
                 f"(e.g. built by fastpost.data.tiny.build_tiny_text_encoder) or a diffusers pipeline folder"
             )
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        model = T5EncoderModel.from_pretrained(str(enc_dir))
-        if pass_mask is None:
-            pass_mask = FAMILY_PASSES_MASK.get(family, True) if family else True
-        return cls(tokenizer, model, pass_mask=pass_mask, device=device, dtype=dtype)
+        tokenizer = getattr(transformers, spec.tokenizer_class).from_pretrained(str(tok_dir))
+        from fastpost.safe_load import pretrained_kwargs  # safetensors only, unless the job opts in to pickles
+
+        model = getattr(transformers, spec.encoder_class).from_pretrained(
+            str(enc_dir), **pretrained_kwargs(enc_dir, allow_pickle))
+        pass_mask = spec.pass_mask if pass_mask is None else pass_mask
+        return cls(tokenizer, model, pass_mask=pass_mask, device=device, dtype=dtype, zero_padding=spec.zero_padding)
 
     @property
     def hidden_size(self) -> int:
@@ -72,4 +94,7 @@ class TextEncoder:
         ids_BT = tokens["input_ids"].to(self.device)
         mask_BT = tokens["attention_mask"].to(self.device)
         out = self.model(input_ids=ids_BT, attention_mask=mask_BT if self.pass_mask else None)
-        return out.last_hidden_state.to(self.dtype), mask_BT.to(torch.int64)
+        embeds = out.last_hidden_state
+        if self.zero_padding:  # the pipeline trims each prompt to its tokens and pads with zeros (Wan)
+            embeds = embeds * mask_BT[..., None].to(embeds.dtype)
+        return embeds.to(self.dtype), mask_BT.to(torch.int64)

@@ -1,4 +1,5 @@
-"""Tiny random components for tests and the demo: a code-trained tokenizer + T5 encoder, and tiny video VAEs.
+"""Tiny random components for tests and the demo: a code-trained tokenizer + T5 encoder, and tiny video VAEs
+(each family's VaeSpec holds its tiny config). A whole tiny pipeline is fastpost.tiny.build_tiny_pipeline.
 
 No downloads: everything is built from config dicts with seeded init and saved with save_pretrained, so
 the rest of the library loads them exactly like real checkpoints (from_pretrained on a folder).
@@ -8,23 +9,11 @@ Sizes follow the measured CPU configs (cpu_facts §6): CogVideoX VAE 65k params,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fastpost.data.synthetic import CAPTION_WORDS
-
-# Mochi's GroupNorm is hard-coded to 32 groups, so its channels must be multiples of 32 (cpu_facts §6), and
-# MochiPipeline reshapes latents_mean/std to 12 channels, so latent_channels stays 12.
-TINY_VAE_CONFIGS = {
-    "cogvideox": dict(
-        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-        sample_height=64, sample_width=64,
-    ),
-    "mochi": dict(
-        encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
-        latent_channels=12, layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5,
-    ),
-}
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5 convention: pad=0, eos=1, unk=2
 
@@ -70,44 +59,10 @@ def build_tiny_text_encoder(out_dir: str | Path, d_model: int = 16, num_layers: 
     return out_dir
 
 
-def build_tiny_vae(out_dir: str | Path, family: str = "cogvideox", seed: int = 0, **overrides) -> Path:
-    """Save a tiny random AutoencoderKLCogVideoX / AutoencoderKLMochi into out_dir; returns out_dir."""
-    from diffusers import AutoencoderKLCogVideoX, AutoencoderKLMochi
-
-    classes = {"cogvideox": AutoencoderKLCogVideoX, "mochi": AutoencoderKLMochi}
-    if family not in classes:
-        raise ValueError(f"unknown VAE family {family!r}; choose from {sorted(classes)}")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        vae = classes[family](**{**TINY_VAE_CONFIGS[family], **overrides}).eval()
-    vae.save_pretrained(str(out_dir))
-    return Path(out_dir)
-
-
-def build_tiny_pipeline(out_dir: str | Path, family: str = "cogvideox", flavor: str = "debug", seed: int = 0) -> Path:
-    """A complete diffusers pipeline folder (transformer, VAE, T5 + tokenizer, scheduler) with tiny random
-    weights: the stand-in for e.g. THUDM/CogVideoX-2b that the demo and tests pass to every fastpost command."""
-    import diffusers
-
-    from fastpost.models import get_family
-
-    fam = get_family(family)
-    out_dir = Path(out_dir)
-    text_dir = build_tiny_text_encoder(out_dir / "_build" / "text", d_model=fam.config(flavor)["text_embed_dim"],
-                                       seed=seed)
-    vae_dir = build_tiny_vae(out_dir / "_build" / "vae", family=family, seed=seed)
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        transformer = fam.load(None, flavor)
-    vae_cls = getattr(diffusers, fam.notes["vae_class"])
-    pipe = getattr(diffusers, fam.pipeline_class)(
-        tokenizer=AutoTokenizer.from_pretrained(text_dir), text_encoder=T5EncoderModel.from_pretrained(text_dir),
-        vae=vae_cls.from_pretrained(vae_dir), transformer=transformer, scheduler=fam.make_scheduler(flavor),
-    )
-    pipe.save_pretrained(out_dir)
-    import shutil
-
-    shutil.rmtree(out_dir / "_build")
-    return out_dir
+def build_tiny_vae(out_dir: str | Path, family: Any, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random VAE of a model family (or a VaeSpec: its class and debug_config) into out_dir."""
+    spec = getattr(family, "vae", family)
+    if not hasattr(spec, "build_tiny"):
+        raise TypeError(f"pass a model family with a VAE (fastpost.models.get_family(name)) or its VaeSpec, "
+                        f"not {family!r}")
+    return spec.build_tiny(out_dir, seed=seed, **overrides)

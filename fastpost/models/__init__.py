@@ -1,35 +1,81 @@
 """Model families: name -> ModelFamily, discovered by module name and imported lazily.
 
-A family lives in `fastpost/models/<name>.py` (or a package `fastpost/models/<name>/`) and defines a module-level
-`FAMILY = ModelFamily(...)`. Nothing here lists families, so adding one touches only its own file; importing
-this package imports no model code (diffusers is pulled in by the family module on first use).
+A family is the whole pipeline, typed. It lives in `fastpost/models/<name>.py` (or a package
+`fastpost/models/<name>/`) and defines a module-level `FAMILY = ModelFamily(...)`. Nothing here lists families,
+so adding one touches only its own file (plus tests, configs, docs); importing this package imports no model
+code (diffusers is pulled in by the family module on first use). No module outside fastpost/models keeps a table
+keyed by family name: they all read the family.
 
-What a family provides (everything the trainer, recipes and sampler need, and nothing parallel in the model):
-  flavors          diffusers config dicts: "debug" (tiny, runs on CPU) plus the real sizes, for documentation and
-                   for building a model without weights
-  load()           diffusers from_pretrained (pipeline dir or bare transformer dir) or construction from a flavor
-  blocks()         the FSDP / activation-checkpointing units
-  parallelize()    (1) SP processors + split/gather hooks, (2) activation checkpointing, (3) FSDP2, in that order
-  apply_sequence_parallel()  step (1) alone (sampling with SP and unsharded weights)
-  predict()        the model call built from a latent-shard batch (latents [B,C,F,H,W] as the VAE produces them)
+What a family provides (everything the trainer, recipes, data and sampler need, and nothing parallel in the model):
+  transformer      diffusers_class / block_class / flavors (config dicts: "debug" runs on CPU, plus real sizes),
+                   load(), blocks(), video_tokens(), voxels_per_token()
+  vae              VaeSpec (fastpost.components): class, compression factors from a VAE config (so the frame
+                   rule: temporal * k + 1), a tiny config; latent normalisation is read from the VAE config
+  text             TextSpec: encoder/tokenizer classes, the prompt length key, the mask convention, padding
+  scheduler        scheduler_class + scheduler_configs, scheduler_config(pretrained, flavor) (a checkpoint's own
+                   scheduler/scheduler_config.json when there is one), make_scheduler(), default_sampler()
+  noise_schedule() the training/ODE noise schedule (fastpost.noise) built from a scheduler config
   prediction_type  what predict() returns: "v_prediction" (DDPM velocity, CogVideoX) or "flow_matching"
                    (noise - x0 at t = sigma * 1000, whatever the checkpoint's own convention is)
-  scheduler_class / scheduler_configs / make_scheduler()  a diffusers scheduler consistent with predict()
+  predict()        the model call built from a latent-shard batch (latents [B,C,F,H,W] as the VAE produces them)
+  pipeline         PipelineFacts: what the diffusers pipeline defaults to (sampler, noise layout, fps, steps, ...)
+  lora_targets     default LoRA target regex; conditioning: the inputs predict() is conditioned on
+  parallelize()    (1) SP processors + split/gather hooks, (2) activation checkpointing, (3) FSDP2, in that order
+  apply_sequence_parallel()  step (1) alone (sampling with SP and unsharded weights)
   pipeline_class   the diffusers pipeline name (LoRA export through its save_lora_weights)
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn as nn
 
+from fastpost.components import TextSpec, VaeSpec
+from fastpost.noise import FlowMatchingSchedule, NoiseSchedule, VPSchedule
+
 PREDICTION_TYPES = ("v_prediction", "flow_matching")
+
+
+@dataclass(frozen=True)
+class PipelineFacts:
+    """What the family's diffusers pipeline does by default, which `fastpost sample` reproduces."""
+
+    sampler: str  # default sampler (a name registered in fastpost.sampling)
+    noise_layout: Literal["BFCHW", "BCFHW"] = "BCFHW"  # layout of the pipeline's randn draw: same seed, same noise
+    fps: int = 16
+    steps: int = 50
+    guidance_scale: float = 5.0
+    size: tuple[int, int, int] | None = None  # (height, width, frames); None: transformer sample_* x VAE factors
+
+
+def sequence_parallel_on_blocks(processor_fn: Callable[[nn.Module, Any], None], gather_attr: str,
+                                blocks_attr: str = "transformer_blocks") -> Callable:
+    """The SP step every family shares: one SPState for the model, `processor_fn(block, state)` on every block
+    (also with SP off: the processors then run plain attention through fastpost's attention backends), and with
+    SP on the hooks that split the video tokens entering block 0 and gather them entering `gather_attr`."""
+
+    def apply(model: nn.Module, dims, attention_backend: str = "auto"):
+        from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks
+
+        state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
+        blocks = getattr(model, blocks_attr)
+        for block in blocks:
+            processor_fn(block, state)
+        if state.sp is not None:
+            # block 0 is called with keyword arguments, or positionally under diffusers' own gradient checkpointing
+            install_sequence_hooks(state, blocks[0], split_arg="hidden_states",
+                                   gather_module=getattr(model, gather_attr), seq_dim=1)
+        return state
+
+    return apply
 
 
 @dataclass(frozen=True)
@@ -45,9 +91,15 @@ class ModelFamily:
     sequence_parallel_fn: Callable[..., Any]  # (model, dims, attention_backend) -> SPState: step 1 only
     video_tokens_fn: Callable[[Any, tuple], int]  # (model.config, latent shape BCFHW) -> video tokens per sample
     predict_fn: Callable[..., torch.Tensor]  # (model, noisy_BCFHW, timesteps_B, embeds_BTD, mask_BT) -> BCFHW
+    vae: VaeSpec | None = None  # None: the family has no VAE of its own (latents come from elsewhere)
+    text: TextSpec | None = None  # None: no text encoder of its own (prompt embeddings come from the shards)
+    pipeline: PipelineFacts | None = None  # None: defaults from the prediction type (see pipeline_facts)
+    scheduler_samplers: Mapping[str, str] = field(default_factory=dict)  # scheduler class -> default sampler
+    lora_targets: str | None = None  # regex over module names; None: attention projections of the blocks
+    conditioning: tuple[str, ...] = ("text",)  # the inputs predict() is conditioned on (I2V adds "image")
     default_flavor: str = "debug"
     blocks_attr: str = "transformer_blocks"
-    notes: Mapping[str, Any] = field(default_factory=dict)  # free-form facts (text length, VAE class, ...)
+    notes: Mapping[str, Any] = field(default_factory=dict)  # free-form facts for people (not read by code)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -108,19 +160,91 @@ class ModelFamily:
         """Video tokens per sample (the sequence SP splits) for latents of this shape."""
         return self.video_tokens_fn(model.config, tuple(latent_shape_BCFHW))
 
+    def patch_sizes(self, config: Any) -> tuple[int, int, int]:
+        """(frames, height, width) latent voxels per video token, from a transformer config whose patch_size is an
+        int (+ optional patch_size_t) or a (t, h, w) tuple (Wan)."""
+        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        p = get("patch_size")
+        if isinstance(p, (tuple, list)):
+            return tuple(int(v) for v in p)
+        return int(get("patch_size_t", None) or 1), int(p), int(p)
+
+    def voxels_per_token(self, config: Any) -> int:
+        """Latent voxels one video token covers (patch_t * patch_h * patch_w), e.g. for MFU accounting."""
+        return math.prod(self.patch_sizes(config))
+
+    @property
+    def lora_target_modules(self) -> str:
+        from fastpost.lora import GENERIC_TARGETS
+
+        return self.lora_targets if self.lora_targets is not None else GENERIC_TARGETS
+
     def predict(self, model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: torch.Tensor,
                 prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         return self.predict_fn(model, noisy_latents_BCFHW, timesteps_B, prompt_embeds_BTD, prompt_mask_BT)
 
-    # ---- sampling ------------------------------------------------------------------------------------------------
-    def scheduler_config(self, flavor: str | None = None) -> dict:
+    # ---- scheduler, noise schedule, pipeline defaults --------------------------------------------------------------
+    @staticmethod
+    def _checkpoint_scheduler(pretrained: str | None) -> dict | None:
+        if pretrained is None:
+            return None
+        path = Path(pretrained) / "scheduler" / "scheduler_config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def scheduler_config(self, pretrained: str | None = None, flavor: str | None = None) -> dict:
+        """The scheduler config: with `pretrained` (a pipeline dir holding scheduler/scheduler_config.json) and no
+        flavor, the checkpoint's own (what diffusers would use); else the flavor's ("default" as the fallback)."""
+        raw = self._checkpoint_scheduler(pretrained) if flavor is None else None
+        if raw is not None:
+            return {k: v for k, v in raw.items() if not k.startswith("_")}
         return dict(self.scheduler_configs.get(flavor or self.default_flavor, self.scheduler_configs["default"]))
+
+    def scheduler_class_name(self, pretrained: str | None = None, flavor: str | None = None) -> str:
+        raw = self._checkpoint_scheduler(pretrained) if flavor is None else None
+        return (raw or {}).get("_class_name") or self.scheduler_class
 
     def make_scheduler(self, flavor: str | None = None, **overrides):
         import diffusers
 
         cls = getattr(diffusers, self.scheduler_class)
-        return cls.from_config({**self.scheduler_config(flavor), **overrides})
+        return cls.from_config({**self.scheduler_config(flavor=flavor), **overrides})
+
+    def noise_schedule(self, scheduler_config: Mapping | None = None) -> NoiseSchedule:
+        """The noise schedule predict() is trained on; VP alphas come from the scheduler config (default: the
+        default flavor's)."""
+        if self.prediction_type == "flow_matching":
+            return FlowMatchingSchedule()
+        import diffusers
+
+        config = dict(scheduler_config) if scheduler_config is not None else self.scheduler_config()
+        return VPSchedule(getattr(diffusers, self.scheduler_class).from_config(config).alphas_cumprod)
+
+    @property
+    def pipeline_facts(self) -> PipelineFacts:
+        if self.pipeline is not None:
+            return self.pipeline
+        return PipelineFacts("ddim" if self.prediction_type == "v_prediction" else "flow_euler")
+
+    def default_sampler(self, pretrained: str | None = None, flavor: str | None = None) -> str:
+        """The sampler that runs the checkpoint's scheduler class (or the pipeline's default sampler)."""
+        name = self.scheduler_class_name(pretrained, flavor)
+        return self.scheduler_samplers.get(name) or self.pipeline_facts.sampler
+
+    # ---- VAE and text ----------------------------------------------------------------------------------------------
+    def require_vae(self) -> VaeSpec:
+        if self.vae is None:
+            raise ValueError(f"model family {self.name!r} has no VAE of its own; its latents come from elsewhere")
+        return self.vae
+
+    def require_text(self) -> TextSpec:
+        if self.text is None:
+            raise ValueError(f"model family {self.name!r} has no text encoder of its own; prompt embeddings come "
+                             f"from the latent shards")
+        return self.text
+
+    def vae_factors(self, vae_config: Mapping) -> tuple[int, int]:
+        """(spatial, temporal) compression of the family's VAE, read from its config."""
+        return self.require_vae().factors(vae_config)
 
 
 def _candidate_modules() -> list[str]:
@@ -155,6 +279,20 @@ def available_families() -> list[str]:
     return names
 
 
+def family_for_vae(class_name: str | None) -> ModelFamily:
+    """The family whose VAE is `class_name` (e.g. to preprocess with a VAE folder alone)."""
+    matches = []
+    for name in available_families():
+        family = get_family(name)
+        if family.vae is not None and family.vae.class_name == class_name:
+            matches.append(family)
+    if len(matches) != 1:
+        known = sorted(get_family(n).vae.class_name for n in available_families() if get_family(n).vae)
+        what = "no family uses" if not matches else f"{[f.name for f in matches]} all use"
+        raise ValueError(f"{what} the VAE class {class_name!r} (known: {known}); set the model family explicitly")
+    return matches[0]
+
+
 def get_family(name: str) -> ModelFamily:
     family = _import_family(name) if name.isidentifier() and not name.startswith("_") else None
     if family is None:
@@ -162,4 +300,5 @@ def get_family(name: str) -> ModelFamily:
     return family
 
 
-__all__ = ["ModelFamily", "PREDICTION_TYPES", "available_families", "get_family"]
+__all__ = ["ModelFamily", "PREDICTION_TYPES", "PipelineFacts", "available_families", "family_for_vae", "get_family",
+           "sequence_parallel_on_blocks"]

@@ -20,10 +20,10 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb, get_3d_rotary_pos_embed
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
+from fastpost.components import TextSpec, VaeSpec
 from fastpost.distributed.fsdp import compute_dtype
-from fastpost.distributed.parallel_dims import ParallelDims
-from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks, shard_sequence
-from fastpost.models import ModelFamily
+from fastpost.distributed.ulysses import SPState, shard_sequence
+from fastpost.models import ModelFamily, PipelineFacts, sequence_parallel_on_blocks
 
 _TINY = dict(
     num_attention_heads=3,  # 3 heads: divides neither sp=2 nor sp=4, so the head padding path is always exercised
@@ -172,18 +172,30 @@ def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: to
 
 
 # ---- parallelism --------------------------------------------------------------------------------------------------
-def apply_sequence_parallel(model: CogVideoXTransformer3DModel, dims: ParallelDims,
-                            attention_backend: str = "auto") -> SPState:
-    """Install the SP processors (on every block, also with SP off: then they run plain joint attention through
-    fastpost's attention backends) and, with SP on, the split/gather hooks."""
-    state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
-    for block in model.transformer_blocks:
-        block.attn1.set_processor(CogVideoXSPAttnProcessor(state))
-    if state.sp is not None:
-        # block 0 is called with keyword arguments, or positionally under diffusers' own gradient checkpointing
-        install_sequence_hooks(state, model.transformer_blocks[0], split_arg="hidden_states",
-                               gather_module=model.norm_final, seq_dim=1)
-    return state
+def _install_processor(block: nn.Module, state: SPState) -> None:
+    block.attn1.set_processor(CogVideoXSPAttnProcessor(state))
+
+
+# SP processors on every block (with SP off they run plain joint attention through fastpost's attention backends);
+# with SP on, video tokens split entering block 0 and gathered entering norm_final
+apply_sequence_parallel = sequence_parallel_on_blocks(_install_processor, gather_attr="norm_final")
+
+
+# ---- the rest of the pipeline ---------------------------------------------------------------------------------------
+def vae_factors(vae_config) -> tuple[int, int]:
+    """As CogVideoXPipeline: spatial 2 ** (levels - 1), temporal the config's temporal_compression_ratio."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1), int(vae_config["temporal_compression_ratio"])
+
+
+VAE = VaeSpec("AutoencoderKLCogVideoX", vae_factors, debug_config=dict(  # 65k params (cpu_facts 6)
+    block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+    sample_height=64, sample_width=64))
+# CogVideoXPipeline: T5-XXL run *without* the attention mask (padding tokens attend to everything), prompts padded
+# to max_text_seq_length (226), and the transformer attends to every token
+TEXT = TextSpec("T5EncoderModel", max_length_key="max_text_seq_length", pass_mask=False, mask_used=False)
+# CogVideoXPipeline: randn [B, F, C, H, W]; 8 fps; 50 steps, guidance 6; size = the transformer's sample size
+PIPELINE = PipelineFacts("ddim", "BFCHW", fps=8, steps=50, guidance_scale=6.0, size=None)
+LORA_TARGETS = r".*transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)$"
 
 
 FAMILY = ModelFamily(
@@ -198,6 +210,10 @@ FAMILY = ModelFamily(
     sequence_parallel_fn=apply_sequence_parallel,
     video_tokens_fn=video_tokens,
     predict_fn=predict,
-    notes=dict(vae_class="AutoencoderKLCogVideoX", text_encoder="T5EncoderModel (t5-v1_1-xxl)", max_text_tokens=226,
-               text_mask_used=False, latent_layout="BCFHW (transformer: BFCHW)"),
+    vae=VAE,
+    text=TEXT,
+    pipeline=PIPELINE,
+    scheduler_samplers={"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"},
+    lora_targets=LORA_TARGETS,
+    notes=dict(text_encoder="t5-v1_1-xxl", latent_layout="BCFHW (transformer: BFCHW)"),
 )

@@ -16,16 +16,19 @@ and sliced per rank like the tokens; the per-sample loop runs identically on eve
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
 
+from fastpost.attention import apply_interleaved_rope
+from fastpost.components import TextSpec, VaeSpec
 from fastpost.distributed.fsdp import compute_dtype
-from fastpost.distributed.parallel_dims import ParallelDims
-from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks, shard_sequence
-from fastpost.models import ModelFamily
+from fastpost.distributed.ulysses import SPState, shard_sequence
+from fastpost.models import ModelFamily, PipelineFacts, sequence_parallel_on_blocks
 
 FLAVORS = {
     "debug": dict(
@@ -53,14 +56,6 @@ SCHEDULERS = {"default": dict(num_train_timesteps=1000, shift=1.0, invert_sigmas
                               use_dynamic_shifting=False)}
 
 
-def _rope(x_BSHD: torch.Tensor, cos_SHD: torch.Tensor, sin_SHD: torch.Tensor) -> torch.Tensor:
-    """Mochi's interleaved RoPE (pairs are (even, odd) channels), in fp32 like diffusers."""
-    even, odd = x_BSHD[..., 0::2].float(), x_BSHD[..., 1::2].float()
-    real = (even * cos_SHD - odd * sin_SHD).to(x_BSHD.dtype)
-    imag = (even * sin_SHD + odd * cos_SHD).to(x_BSHD.dtype)
-    return torch.stack([real, imag], dim=-1).flatten(-2)
-
-
 class MochiSPAttnProcessor:
     """MochiAttnProcessor2_0 with video tokens split over the SP group and text tokens replicated.
 
@@ -82,7 +77,7 @@ class MochiSPAttnProcessor:
         tv = attn.add_v_proj(encoder_hidden_states).unflatten(2, (heads, -1))
         if image_rotary_emb is not None:
             cos, sin = (shard_sequence(t, 0, self.state.sp) for t in image_rotary_emb)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
 
         n_text = tq.shape[1]
         valid = attention_mask.bool()
@@ -141,17 +136,33 @@ def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: to
 
 
 # ---- parallelism --------------------------------------------------------------------------------------------------
-def apply_sequence_parallel(model: MochiTransformer3DModel, dims: ParallelDims,
-                            attention_backend: str = "auto") -> SPState:
-    """Install the SP processors (on every block, also with SP off: then they run diffusers' per-sample joint
-    attention through fastpost's attention backends) and, with SP on, the split/gather hooks."""
-    state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
-    for block in model.transformer_blocks:
-        block.attn1.processor = MochiSPAttnProcessor(state)  # MochiAttention is a plain module: no set_processor
-    if state.sp is not None:
-        install_sequence_hooks(state, model.transformer_blocks[0], split_arg="hidden_states",
-                               gather_module=model.norm_out, seq_dim=1)
-    return state
+def _install_processor(block: nn.Module, state: SPState) -> None:
+    block.attn1.processor = MochiSPAttnProcessor(state)  # MochiAttention is a plain module: no set_processor
+
+
+# SP processors on every block (with SP off they run diffusers' per-sample joint attention through fastpost's
+# attention backends); with SP on, video tokens split entering block 0 and gathered entering norm_out
+apply_sequence_parallel = sequence_parallel_on_blocks(_install_processor, gather_attr="norm_out")
+
+
+# ---- the rest of the pipeline ---------------------------------------------------------------------------------------
+def vae_factors(vae_config) -> tuple[int, int]:
+    """MochiPipeline hard-codes 8 and 6, the products of the real VAE's expansions (read here from the config)."""
+    return math.prod(vae_config["spatial_expansions"]), math.prod(vae_config["temporal_expansions"])
+
+
+# Mochi's GroupNorm is hard-coded to 32 groups, so channels must be multiples of 32 (cpu_facts 6), and MochiPipeline
+# reshapes latents_mean/std to 12 channels, so latent_channels stays 12.
+VAE = VaeSpec("AutoencoderKLMochi", vae_factors, debug_config=dict(
+    encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+    latent_channels=12, layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5))
+# MochiPipeline: T5-XXL with the attention mask, 256 tokens (max_sequence_length), and the transformer attends
+# only to valid tokens
+TEXT = TextSpec("T5EncoderModel", max_length_key="max_sequence_length", pass_mask=True, mask_used=True)
+# MochiPipeline: randn [B, C, F, H, W]; 30 fps; 64 steps, guidance 4.5, 480x848x19
+PIPELINE = PipelineFacts("flow_euler", "BCFHW", fps=30, steps=64, guidance_scale=4.5, size=(480, 848, 19))
+# Anchored on the blocks: a bare "to_q" also matches time_embed.pooler.to_q (measured), which LoRA should not train
+LORA_TARGETS = r".*transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)$"
 
 
 FAMILY = ModelFamily(
@@ -166,7 +177,11 @@ FAMILY = ModelFamily(
     sequence_parallel_fn=apply_sequence_parallel,
     video_tokens_fn=video_tokens,
     predict_fn=predict,
-    notes=dict(vae_class="AutoencoderKLMochi", text_encoder="T5EncoderModel (t5-v1_1-xxl)", max_text_tokens=256,
-               text_mask_used=True, latent_layout="BCFHW",
+    vae=VAE,
+    text=TEXT,
+    pipeline=PIPELINE,
+    scheduler_samplers={"FlowMatchEulerDiscreteScheduler": "flow_euler"},
+    lora_targets=LORA_TARGETS,
+    notes=dict(text_encoder="t5-v1_1-xxl", latent_layout="BCFHW",
                model_convention="timestep 1000 * (1 - sigma), predicts x0 - noise (predict() translates)"),
 )

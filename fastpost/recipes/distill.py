@@ -24,10 +24,10 @@ import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 from fastpost.distributed.fsdp import reshard_all
+from fastpost.noise import OdeGrid, even_edges, linear_quadratic_sigmas, make_grid, phase_edges  # noqa: F401
 from fastpost.recipes import Recipe, RecipeContext, Trainable
 
 
@@ -46,79 +46,6 @@ class DistillConfig:
     guidance_min: float = 1.0  # teacher CFG scale w ~ U[min, max] per batch; 1.0 = no guidance
     guidance_max: float = 1.0
     negative_text_encoder: str | None = None  # encodes "" for the unconditional branch; None: zero embeddings
-
-
-# ---- the grid ----------------------------------------------------------------------------------------------------
-@dataclass
-class OdeGrid:
-    """N+1 points from noise (0) to data (N): signal/noise coefficients and the model's timestep input."""
-
-    a: torch.Tensor  # [N+1]
-    b: torch.Tensor  # [N+1]
-    model_t: torch.Tensor  # [N+1] timestep fed to the model (its value at point N never matters)
-    prediction_type: str
-
-    @property
-    def steps(self) -> int:
-        return len(self.a) - 1
-
-    def coeffs(self, idx: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a, b at grid points idx (a CPU index tensor), shaped to broadcast over `like` and on its device."""
-        shape = (-1, *([1] * (like.dim() - 1)))
-        return self.a[idx].view(shape).to(like.device), self.b[idx].view(shape).to(like.device)
-
-    def estimates(self, x: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor):
-        """(x0_hat, eps_hat) from a model prediction at points idx."""
-        a, b = self.coeffs(idx, x)
-        if self.prediction_type == "flow_matching":  # pred = eps - x0, x = (1 - s) x0 + s eps, b = s
-            return x - b * pred, x + a * pred
-        return a * x - b * pred, b * x + a * pred  # VP v-prediction: v = a eps - b x0
-
-    def ddim(self, x: torch.Tensor, pred: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        x0, eps = self.estimates(x, pred, src)
-        a, b = self.coeffs(dst, x)
-        return a * x0 + b * eps
-
-
-def linear_quadratic_sigmas(n: int, threshold: float, linear_steps: int | None = None) -> list[float]:
-    """Mochi's schedule: sigma falls linearly to `threshold` over the first half, then quadratically to 0."""
-    linear_steps = n // 2 if linear_steps is None else linear_steps
-    lin = [i * threshold / linear_steps for i in range(linear_steps)]
-    diff = linear_steps - threshold * n
-    quad_steps = n - linear_steps
-    qc = diff / (linear_steps * quad_steps**2)
-    lc = threshold / linear_steps - 2 * diff / quad_steps**2
-    const = qc * linear_steps**2
-    quad = [qc * i**2 + lc * i + const for i in range(linear_steps, n)]
-    return [1.0 - s for s in lin + quad]
-
-
-def make_grid(family, flavor: str | None, n: int, schedule: str = "uniform", lq_threshold: float = 0.025,
-              lq_linear_steps: int | None = None, scheduler_config: dict | None = None) -> OdeGrid:
-    """The teacher's ODE grid; VP alphas come from `scheduler_config` if given, else the flavor's scheduler."""
-    if family.prediction_type == "flow_matching":
-        if schedule == "linear_quadratic":
-            sigmas = torch.tensor(linear_quadratic_sigmas(n, lq_threshold, lq_linear_steps) + [0.0])
-        else:
-            sigmas = torch.linspace(1.0, 0.0, n + 1)
-        sigmas = sigmas.double()
-        return OdeGrid(1 - sigmas, sigmas, sigmas * 1000, "flow_matching")
-    if scheduler_config is not None:
-        import diffusers
-
-        scheduler = getattr(diffusers, family.scheduler_class).from_config(scheduler_config)
-    else:
-        scheduler = family.make_scheduler(flavor)
-    alphas = scheduler.alphas_cumprod.double()
-    t = torch.from_numpy(np.linspace(len(alphas) - 1, 0, n).round().astype(np.int64))
-    abar = torch.cat([alphas[t], torch.ones(1, dtype=torch.float64)])  # the clean end: alphabar = 1
-    return OdeGrid(abar.sqrt(), (1 - abar).sqrt(), torch.cat([t, torch.zeros(1, dtype=torch.int64)]), "v_prediction")
-
-
-def phase_edges(n: int, phases: int) -> torch.Tensor:
-    if not 1 <= phases <= n:
-        raise ValueError(f"phases must be in [1, num_teacher_steps={n}], got {phases}")
-    return torch.tensor([round(m * n / phases) for m in range(phases + 1)])
 
 
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
@@ -153,11 +80,6 @@ def phased_sample(family, model, grid: OdeGrid, edges: torch.Tensor, noise: torc
         pred = guided_prediction(family, model, grid, x, idx, embeds, mask, w, neg)
         x = grid.ddim(x, pred, idx, torch.full((x.shape[0],), dst))
     return x.float()
-
-
-def even_edges(n: int, steps: int) -> torch.Tensor:
-    """`steps` DDIM jumps spread evenly over an n-point grid (the teacher's k-step sampler)."""
-    return phase_edges(n, steps)
 
 
 # ---- the recipe --------------------------------------------------------------------------------------------------
@@ -246,7 +168,7 @@ class Distill(Recipe):
             if self.cfg.negative_text_encoder:
                 from fastpost.data.text import TextEncoder
 
-                enc = TextEncoder.from_pretrained(self.cfg.negative_text_encoder, family=self.family.name)
+                enc = TextEncoder.from_pretrained(self.cfg.negative_text_encoder, family=self.family)
                 self._neg = enc.encode([""], embeds.shape[1])
             else:
                 self._neg = (torch.zeros_like(embeds[:1]), torch.zeros_like(mask[:1]))
@@ -297,46 +219,3 @@ def _lora_layers(model: torch.nn.Module) -> list:
 
 
 RECIPE = Distill
-
-
-# ---- the student's few-step sampler as a `fastpost sample` plug-in -------------------------------------------------
-@dataclass
-class PhasedSamplerConfig:
-    num_teacher_steps: int = 50  # the grid the student was distilled on (recipe_args.num_teacher_steps)
-    phases: int = 4  # recipe_args.phases; `steps` may be any divisor of it (fewer jumps, each over whole phases)
-    schedule: Literal["uniform", "linear_quadratic"] = "uniform"
-    lq_threshold: float = 0.025
-    lq_linear_steps: int | None = None
-
-
-class PhasedSampler:
-    """Deterministic multi-phase sampling: one DDIM jump from phase edge to phase edge (see phased_sample)."""
-
-    def __init__(self, ctx, cfg: PhasedSamplerConfig):
-        self.cfg = cfg
-        self.grid = make_grid(ctx.family, None, cfg.num_teacher_steps, cfg.schedule, cfg.lq_threshold,
-                              cfg.lq_linear_steps, scheduler_config=ctx.scheduler_config)
-        self.init_noise_sigma = float(self.grid.b[0])
-        self.edges = None
-
-    def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
-        if num_steps < 1 or self.cfg.phases % num_steps:
-            raise ValueError(f"the phased sampler of a {self.cfg.phases}-phase student runs a divisor of "
-                             f"{self.cfg.phases} steps, got steps={num_steps}")
-        self.edges = phase_edges(self.cfg.num_teacher_steps, self.cfg.phases)[:: self.cfg.phases // num_steps]
-        t = self.grid.model_t[self.edges[:-1]]
-        return (t.float() if self.grid.prediction_type == "flow_matching" else t).to(device)
-
-    def step(self, model_output, index, timestep, latents):
-        src = torch.full((latents.shape[0],), int(self.edges[index]))  # CPU indices into the CPU grid
-        dst = torch.full((latents.shape[0],), int(self.edges[index + 1]))
-        return self.grid.ddim(latents.double(), model_output.double(), src, dst).float()
-
-
-def _register_sampler() -> None:
-    from fastpost.sampling_schedulers import register_sampler
-
-    register_sampler("phased", PhasedSamplerConfig)(PhasedSampler)
-
-
-_register_sampler()  # `imports: [fastpost.recipes.distill]` + `sampler: phased` in a sample job selects it

@@ -38,23 +38,6 @@ class FinetuneConfig:
     weighting_channels: int = 128
 
 
-def shift_sigmas(s: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3 / Mochi-style resolution shift of flow-matching times: s' = shift s / (1 + (shift - 1) s)."""
-    return shift * s / (1 + (shift - 1) * s)
-
-
-def sample_flow_times(n: int, cfg: FinetuneConfig, g: torch.Generator) -> torch.Tensor:
-    if cfg.timestep_sampling == "logit_normal":
-        s = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=g))
-    else:
-        s = torch.rand(n, generator=g)
-    return shift_sigmas(s, cfg.flow_shift)
-
-
-def _bcast(x_B: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x_B.view(-1, *([1] * (like.dim() - 1)))
-
-
 class LossWeighting(nn.Module):
     """u(c) for c = model timestep / 1000 in [0, 1]: fixed random Fourier features -> one linear unit, zero
     initialised (so training starts with the plain loss)."""
@@ -83,9 +66,12 @@ class Finetune(Recipe):
         self.weighting = None
         if cfg.learned_weighting:
             self.weighting = ctx.build_module(LossWeighting(cfg.weighting_channels))
-        if self.family.prediction_type == "v_prediction":
-            scheduler = self.family.make_scheduler(ctx.train_cfg.model.flavor if ctx.train_cfg else None)
-            self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        # the objective the checkpoint was trained with: its own scheduler/ config when it has one
+        spec = ctx.spec
+        pretrained = spec.pretrained if spec is not None else None
+        flavor = ctx.train_cfg.model.flavor if ctx.train_cfg is not None else None
+        self.noise = self.family.noise_schedule(
+            self.family.scheduler_config(pretrained, None if pretrained else flavor))
 
     def trainables(self):
         out = {"model": Trainable(self.model)}
@@ -97,21 +83,12 @@ class Finetune(Recipe):
         # Randomness comes from the CPU generator (identical on SP peers, any device), then moves to the data.
         x0 = batch["latents"].float()
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
-        if self.family.prediction_type == "flow_matching":
-            s = sample_flow_times(x0.shape[0], self.cfg, generator).to(x0.device)
-            x_s = (1 - _bcast(s, x0)) * x0 + _bcast(s, x0) * eps
-            target = eps - x0
-            pred = self.family.predict(self.model, x_s, s * 1000, embeds, mask)
-            c = s
-        else:
-            t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator)
-            a = _bcast(self.alphas_cumprod[t], x0).to(x0.device)
-            t = t.to(x0.device)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-            target = a.sqrt() * eps - (1 - a).sqrt() * x0
-            pred = self.family.predict(self.model, x_t, t, embeds, mask)
-            c = t.float() / len(self.alphas_cumprod)
+        t = self.noise.sample_times(x0.shape[0], generator, self.cfg).to(x0.device)
+        x_t = self.noise.add_noise(x0, eps, t)
+        timestep = self.noise.model_timestep(t)
+        pred = self.family.predict(self.model, x_t, timestep, batch["prompt_embeds"], batch["prompt_attention_mask"])
+        target = self.noise.target(x0, eps, t)
+        c = timestep.float() / 1000  # the noise level in [0, 1]
         if self.weighting is None:
             return F.mse_loss(pred.float(), target), {"t_mean": c}
         mse_B = (pred.float() - target).pow(2).flatten(1).mean(dim=1)

@@ -19,9 +19,8 @@ import torch
 import torch.nn as nn
 
 from fastpost.distributed.fsdp import compute_dtype
-from fastpost.distributed.parallel_dims import ParallelDims
-from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks
-from fastpost.models import ModelFamily
+from fastpost.distributed.ulysses import SPState
+from fastpost.models import ModelFamily, PipelineFacts, sequence_parallel_on_blocks
 from fastpost.models.pyramid.packing import Packed, Segment, pack, unpack_segment
 from fastpost.models.pyramid.transformer import PyramidBlock, PyramidDiTModel
 
@@ -68,23 +67,20 @@ def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
 
 
 # ---- parallelism --------------------------------------------------------------------------------------------------
-def apply_sequence_parallel(model: PyramidDiTModel, dims: ParallelDims, attention_backend: str = "auto") -> SPState:
-    """Give every block's attention the model's SPState; with SP on, split the video tokens entering block 0 and
-    gather them entering norm_out (RoPE tables and the mask stay full-sequence: attention slices them)."""
-    state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
-    for block in model.transformer_blocks:
-        block.attn.sp_state = state
-    if state.sp is not None:
-        install_sequence_hooks(state, model.transformer_blocks[0], split_arg="hidden_states",
-                               gather_module=model.norm_out, seq_dim=1)
-    return state
+def _install_state(block: nn.Module, state: SPState) -> None:
+    block.attn.sp_state = state
+
+
+# every block's attention gets the model's SPState; with SP on, the video tokens are split entering block 0 and
+# gathered entering norm_out (RoPE tables and the mask stay full-sequence: attention slices them)
+apply_sequence_parallel = sequence_parallel_on_blocks(_install_state, gather_attr="norm_out")
 
 
 FAMILY = ModelFamily(
     name="pyramid",
     diffusers_class=PyramidDiTModel,
     block_class=PyramidBlock,
-    pipeline_class="",  # no diffusers pipeline exists: sample with fastpost.models.pyramid.sampling
+    pipeline_class="",  # no diffusers pipeline exists: sample with fastpost.models.pyramid.sampling (CLI: fastpost.sampling.pyramid)
     flavors=FLAVORS,
     prediction_type="flow_matching",
     scheduler_class="FlowMatchEulerDiscreteScheduler",
@@ -92,8 +88,13 @@ FAMILY = ModelFamily(
     sequence_parallel_fn=apply_sequence_parallel,
     video_tokens_fn=video_tokens,
     predict_fn=predict,
-    notes=dict(vae_class=None, text_encoder="any (prompt_embeds [B, T, text_embed_dim] from the latent shards)",
-               text_mask_used=True, latent_layout="BCFHW", recipe="pyramid_flow",
+    vae=None,  # latents (and prompt embeddings) come from shards made with any VAE / text encoder
+    text=None,
+    pipeline=PipelineFacts("flow_euler"),  # predict() is one-stage flow matching; the pyramidal sampler is sampling.py
+    scheduler_samplers={"FlowMatchEulerDiscreteScheduler": "flow_euler"},
+    lora_targets=r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)$",
+    notes=dict(text_encoder="any (prompt_embeds [B, T, text_embed_dim] from the latent shards)",
+               latent_layout="BCFHW", recipe="pyramid_flow",
                sampler="fastpost.models.pyramid.sampling.sample",
                model_convention="timestep 1000 * sigma, predicts d x / d sigma (noise - x0 for one stage)"),
 )

@@ -35,6 +35,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 
+from fastpost.attention import apply_interleaved_rope
 from fastpost.distributed.ulysses import SPState, shard_sequence
 
 
@@ -50,11 +51,8 @@ def rope_tables(positions_BS3: torch.Tensor, axes_dim: tuple[int, ...], theta: f
 
 
 def apply_rope(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
-    """Interleaved RoPE: channel pairs (2m, 2m+1) are rotated by angle m; computed in fp32."""
-    even, odd = x_BSHD[..., 0::2].float(), x_BSHD[..., 1::2].float()
-    cos, sin = cos_BSD[:, :, None], sin_BSD[:, :, None]
-    out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
-    return out.to(x_BSHD.dtype)
+    """Interleaved RoPE with per-sample tables [B, S, head_dim/2] (fastpost.attention.apply_interleaved_rope)."""
+    return apply_interleaved_rope(x_BSHD, cos_BSD[:, :, None], sin_BSD[:, :, None])
 
 
 def joint_attention_mask(text_mask_BT: torch.Tensor | None, n_text: int, frame_BS: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Inputs and outputs of `fastpost.sampling`: prompt lists, atomic mp4 / json / latent files, the progress bar.
+"""The writer of `fastpost.sampling` (its inputs and outputs): prompt lists, atomic mp4 / json / latent files,
+the progress bar.
 
 Every output is first written under `<output_dir>/.partial/<name>` and then moved to `<output_dir>/<name>` with
 os.replace (atomic on one filesystem), so a killed run never leaves an incomplete file under a final name or

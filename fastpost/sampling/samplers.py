@@ -1,5 +1,6 @@
-"""Samplers for `fastpost.sampling`: the plug-in interface, the diffusers schedulers each family's pipeline uses,
-and the per-family facts of those pipelines that the sampler reproduces.
+"""Samplers for `fastpost.sampling`: the plug-in interface and registry, the diffusers schedulers the families'
+pipelines use (DDIM / DPM for v-prediction, flow-match Euler), and the phased few-step sampler of a distilled
+student. Which one a job gets by default is the family's (ModelFamily.default_sampler).
 
 The plug-in interface (everything the denoising loop touches):
 
@@ -11,25 +12,25 @@ The plug-in interface (everything the denoising loop touches):
         def step(self, model_output, index, timestep, latents) -> Tensor  # next latents (fp32)
 
 `model_output` is the guided family.predict() output in fp32. Both tensors are in the family pipeline's latent
-layout (`PipelineFacts.noise_layout`: BFCHW for CogVideoX, BCFHW otherwise), so a sampler that draws noise
+layout (`family.pipeline_facts.noise_layout`: BFCHW for CogVideoX, BCFHW otherwise), so a sampler that draws noise
 (CogVideoXDPMScheduler) draws exactly what diffusers draws for the same seed. A sampler is built fresh for every
 video (schedulers keep state: DPM's previous x0 estimate, Euler's step index) by a factory registered with
 `register_sampler(name, ConfigCls)`; `sampler_args` in the job file is parsed strictly into ConfigCls. A
-few-step sampler (e.g. a distillation recipe's multi-phase one) registers itself the same way (its module listed
-in the job's `imports`) and is picked with `sampler=<name>`; it needs no change to the loop. Every rank runs the
+few-step sampler of a user's own registers itself the same way (its module listed in the job's `imports`) and is
+picked with `sampler=<name>`; it needs no change to the loop. Every rank runs the
 sampler on identical inputs, and any noise it draws must come from `ctx.generator` (a CPU generator seeded per
 video, identical on every rank), so ranks stay bit-identical without communication.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 
 from fastpost.config import from_dict
+from fastpost.noise import linear_quadratic_sigmas, make_grid, phase_edges
 
 
 @runtime_checkable
@@ -137,26 +138,6 @@ class FlowEulerConfig:
     linear_steps: int | None = None  # None: num_steps // 2, as MochiPipeline
 
 
-def linear_quadratic_schedule(num_steps: int, threshold_noise: float, linear_steps: int | None = None) -> list[float]:
-    """Mochi's sigmas (1 -> ~0): linear from 1 down to 1 - threshold_noise over the first `linear_steps`, then a
-    quadratic that reaches 0 one step past the end and joins the line with matching slope."""
-    if linear_steps is None:
-        linear_steps = num_steps // 2
-    if not 0 < linear_steps < num_steps:
-        raise ValueError(f"the linear-quadratic sigma schedule needs 0 < linear_steps < steps (steps >= 2), got "
-                         f"steps={num_steps}, linear_steps={linear_steps}")
-    quadratic_steps = num_steps - linear_steps
-    # coefficients of q(i) = a i^2 + b i + c on i in [linear_steps, num_steps): continuous with the line at
-    # linear_steps, and reaching 1 (i.e. sigma 0) at i = num_steps
-    gap = linear_steps - threshold_noise * num_steps
-    a = gap / (linear_steps * quadratic_steps ** 2)
-    b = threshold_noise / linear_steps - 2 * gap / quadratic_steps ** 2
-    c = a * linear_steps ** 2
-    ramp = [i * threshold_noise / linear_steps for i in range(linear_steps)]
-    ramp += [a * i ** 2 + b * i + c for i in range(linear_steps, num_steps)]
-    return [1.0 - x for x in ramp]
-
-
 class FlowEulerSampler:
     """FlowMatchEulerDiscreteScheduler in fastpost's flow convention (x_s = (1 - s) x0 + s noise, velocity
     noise - x0 at t = 1000 s). MochiPipeline runs the *inverted* scheduler on Mochi's raw output (x0 - noise at
@@ -175,7 +156,7 @@ class FlowEulerSampler:
     def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
         sigmas = None
         if self.cfg.sigma_schedule == "linear_quadratic":
-            sigmas = linear_quadratic_schedule(num_steps, self.cfg.threshold_noise, self.cfg.linear_steps)
+            sigmas = linear_quadratic_sigmas(num_steps, self.cfg.threshold_noise, self.cfg.linear_steps)
         self.scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas)
         self.scheduler.set_begin_index(0)
         return self.scheduler.timesteps
@@ -188,38 +169,39 @@ class FlowEulerSampler:
 register_sampler("flow_euler", FlowEulerConfig)(FlowEulerSampler)
 
 
-# ---- classifier-free guidance schedules ------------------------------------------------------------------------
-def guidance_at(scale: float, dynamic: bool, timestep: torch.Tensor, num_steps: int) -> float:
-    """The guidance weight of one step. dynamic: CogVideoXPipeline's `use_dynamic_cfg` formula, reproduced as
-    written there (it mixes DDPM timesteps with the step count; e.g. 50 steps ramps 1 -> 1 + scale)."""
-    if not dynamic:
-        return scale
-    return 1 + scale * ((1 - math.cos(math.pi * ((num_steps - timestep.item()) / num_steps) ** 5.0)) / 2)
+# ---- a distilled student's few-step sampler (recipes/distill.py trains it) ------------------------------------------
+@dataclass
+class PhasedSamplerConfig:
+    num_teacher_steps: int = 50  # the grid the student was distilled on (recipe_args.num_teacher_steps)
+    phases: int = 4  # recipe_args.phases; `steps` may be any divisor of it (fewer jumps, each over whole phases)
+    schedule: Literal["uniform", "linear_quadratic"] = "uniform"
+    lq_threshold: float = 0.025
+    lq_linear_steps: int | None = None
 
 
-# ---- what each family's diffusers pipeline does ------------------------------------------------------------------
-@dataclass(frozen=True)
-class PipelineFacts:
-    sampler: str  # default sampler
-    noise_layout: Literal["BFCHW", "BCFHW"]  # layout of the pipeline's randn draw: same seed -> same noise
-    text_length_key: str  # transformer config key of the prompt length the pipeline pads to
-    fps: int
-    steps: int
-    guidance_scale: float
-    size: tuple[int, int, int] | None  # (height, width, frames); None: transformer sample_* x VAE factors
+class PhasedSampler:
+    """Deterministic multi-phase sampling: one DDIM jump from phase edge to phase edge (recipes/distill.py's
+    phased_sample, on the same fastpost.noise grid)."""
+
+    def __init__(self, ctx: SamplerContext, cfg: PhasedSamplerConfig):
+        self.cfg = cfg
+        self.grid = make_grid(ctx.family, None, cfg.num_teacher_steps, cfg.schedule, cfg.lq_threshold,
+                              cfg.lq_linear_steps, scheduler_config=ctx.scheduler_config)
+        self.init_noise_sigma = float(self.grid.b[0])
+        self.edges = None
+
+    def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
+        if num_steps < 1 or self.cfg.phases % num_steps:
+            raise ValueError(f"the phased sampler of a {self.cfg.phases}-phase student runs a divisor of "
+                             f"{self.cfg.phases} steps, got steps={num_steps}")
+        self.edges = phase_edges(self.cfg.num_teacher_steps, self.cfg.phases)[:: self.cfg.phases // num_steps]
+        t = self.grid.model_t[self.edges[:-1]]
+        return (t.float() if self.grid.prediction_type == "flow_matching" else t).to(device)
+
+    def step(self, model_output, index, timestep, latents):
+        src = torch.full((latents.shape[0],), int(self.edges[index]))  # CPU indices into the CPU grid
+        dst = torch.full((latents.shape[0],), int(self.edges[index + 1]))
+        return self.grid.ddim(latents.double(), model_output.double(), src, dst).float()
 
 
-PIPELINE_FACTS = {
-    # CogVideoXPipeline: randn [B, F, C, H, W]; 226 tokens = max_text_seq_length; 8 fps; 50 steps, guidance 6
-    "cogvideox": PipelineFacts("ddim", "BFCHW", "max_text_seq_length", 8, 50, 6.0, None),
-    # MochiPipeline: randn [B, C, F, H, W]; 256 tokens; 30 fps; 64 steps, guidance 4.5, 480x848x19
-    "mochi": PipelineFacts("flow_euler", "BCFHW", "max_sequence_length", 30, 64, 4.5, (480, 848, 19)),
-}
-
-
-def pipeline_facts(family) -> PipelineFacts:
-    """The family's facts; a family without an entry gets defaults derived from its prediction type."""
-    if family.name in PIPELINE_FACTS:
-        return PIPELINE_FACTS[family.name]
-    sampler = "ddim" if family.prediction_type == "v_prediction" else "flow_euler"
-    return PipelineFacts(sampler, "BCFHW", "max_sequence_length", 16, 50, 5.0, None)
+register_sampler("phased", PhasedSamplerConfig)(PhasedSampler)

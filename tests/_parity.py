@@ -3,7 +3,7 @@
 Every check builds the same seeded model twice: a reference that stays plain diffusers (one process, full batch)
 and a copy put through `family.parallelize` (or only its SP step). Each rank runs its dp slice of the batch; the
 errors returned are max abs differences of outputs and of every parameter gradient (or parameter, after
-training), compared on every rank. Call from inside an initialised process group (fastpost.testing).
+training), compared on every rank. Call from inside an initialised process group (tests/_harness.py).
 """
 
 from __future__ import annotations
