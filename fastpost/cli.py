@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import contextlib
 import io
 import pkgutil
@@ -76,6 +77,13 @@ def _wants_help(argv: list[str]) -> bool:
     return "-h" in head or "--help" in head
 
 
+def _say(line: str) -> None:
+    """One line on stderr in a single write: every rank of a job may say it at once, and separate writes of the
+    text and its newline interleave into one garbled line (seen under torchrun)."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 def _train(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="fastpost train", description="Train from a job file (torchrun-compatible)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,7 +102,7 @@ def _train(argv: list[str]) -> None:
         trainer = Trainer(load_config(TrainConfig, args.config, overrides))
     except (ConfigError, ShardError, JobStop) as e:
         keep_exit_code()
-        print(f"fastpost train: error: {e}", file=sys.stderr, flush=True)
+        _say(f"fastpost train: error: {e}")
         raise SystemExit(e.code if isinstance(e, JobStop) else EXIT_BAD_INPUT) from None
     # Every stop below is decided collectively (the same on every rank), so every rank exits with the same code.
     try:
@@ -113,9 +121,9 @@ def _train(argv: list[str]) -> None:
         trainer.close()
     if reason == "preempted":
         if trainer.rank == 0:
-            print(f"fastpost train: preempted: {message}", file=sys.stderr, flush=True)
+            _say(f"fastpost train: preempted: {message}")
     elif code != EXIT_OK:
-        print(f"fastpost train: error: {message}", file=sys.stderr, flush=True)
+        _say(f"fastpost train: error: {message}")
     if code != EXIT_OK:
         raise SystemExit(code)
 
