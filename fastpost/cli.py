@@ -129,7 +129,11 @@ def _train(argv: list[str]) -> None:
 
 
 def _preprocess(argv: list[str]) -> None:
-    from fastpost.data.preprocess import main
+    from fastpost.data.preprocess import main as preprocess_main
+    from fastpost.models import resolve_family
+
+    def main(args: list[str]) -> int:  # the composition root: data gets its family from here, never imports models
+        return preprocess_main(args, resolve_family)
 
     if _wants_help(argv):
         _help_with_keys(main, preprocess_keys)

@@ -1,6 +1,8 @@
 """Export trained weights from the (FSDP-sharded) training model, streamed tensor by tensor.
 
   export_lora       diffusers-format LoRA (`pytorch_lora_weights.safetensors`, adapter config as metadata)
+  save_comfy_lora   the same adapter in ComfyUI's generic LoRA format: `diffusion_model.<ComfyUI module>.lora_down
+                    .weight` / `.lora_up.weight` / `.alpha`, module names mapped by the family's comfy_names
   save_transformer  a diffusers transformer folder (config.json + safetensors shards + index); LoRA adapters are
                     fused into the base weights (W + scale B A), so the folder loads with no peft at all
   save_pipeline     a whole diffusers pipeline folder: the pretrained pipeline's other components linked or
@@ -23,7 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fastpost.builder import INDEX, WEIGHTS
-from fastpost.lora import export_lora  # noqa: F401  (re-exported: the exporters live here)
+from fastpost.lora import export_lora, lora_state_dict  # noqa: F401  (export_lora re-exported: exporters live here)
+
+COMFY_LORA_FILE = "lora_comfyui.safetensors"
 
 
 def _rank() -> int:
@@ -122,6 +126,34 @@ def save_transformer(model: nn.Module, out_dir: str | Path, dtype: torch.dtype |
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def save_comfy_lora(model: nn.Module, family, out_file: str | Path) -> Path | None:
+    """Collective: the model's LoRA adapter as one ComfyUI LoRA file (rank 0 writes; returns its path there).
+    ComfyUI applies W += alpha / rank * up @ down to its module of that name: alpha is the adapter's lora_alpha,
+    so the scale equals peft's (alpha / r)."""
+    from safetensors.torch import save_file
+
+    layers = lora_state_dict(model)
+    if _rank() != 0:
+        return None
+    config = model.peft_config["default"]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in layers.items():  # peft keys: <module>.lora_A.weight / <module>.lora_B.weight
+        module, kind = key.rsplit(".lora_", 1)
+        name = f"diffusion_model.{family.comfy_name(module)}"
+        out[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value.contiguous()
+        if kind.startswith("A"):
+            rank = value.shape[0]
+            alpha = config.alpha_pattern.get(module, config.lora_alpha) if config.alpha_pattern else config.lora_alpha
+            if config.use_rslora:  # peft scales by alpha / sqrt(r): express it as ComfyUI's alpha / r
+                alpha = alpha * rank ** 0.5
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    path = Path(out_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, path.with_name(path.name + ".part"), metadata={"format": "pt"})
+    os.replace(path.with_name(path.name + ".part"), path)
+    return path
 
 
 def save_pipeline(model: nn.Module, pretrained: str | Path, out_dir: str | Path,

@@ -32,7 +32,7 @@ from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
-from fastpost.export import export_lora, save_transformer
+from fastpost.export import COMFY_LORA_FILE, export_lora, save_comfy_lora, save_transformer
 from fastpost.lora import LoRAConfig
 from fastpost.metrics import MetricsLogger, clip_grad_norm, peak_memory_mib
 from fastpost.models import get_family
@@ -340,7 +340,8 @@ class Trainer:
 
     # ---- export -------------------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """LoRA runs: diffusers-format LoRA weights (<out>/lora); full runs: a diffusers transformer folder
+        """LoRA runs: diffusers-format LoRA weights (<out>/lora), and the same adapter for ComfyUI
+        (<out>/lora/lora_comfyui.safetensors); full runs: a diffusers transformer folder
         (<out>/transformer), streamed tensor by tensor from the shards. With ema_decay set, the EMA weights go to
         <out>/lora_ema or <out>/transformer_ema."""
         path = self._export("")
@@ -353,6 +354,7 @@ class Trainer:
         if self.cfg.lora.enabled:
             path = self.out / f"lora{suffix}"
             export_lora(self.model, path, self.family.pipeline_class)
+            save_comfy_lora(self.model, self.family, path / COMFY_LORA_FILE)
         else:
             path = self.out / f"transformer{suffix}"
             save_transformer(self.model, path)

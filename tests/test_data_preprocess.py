@@ -18,7 +18,7 @@ from fastpost.data.shards import ShardDataset
 from fastpost.data.synthetic import SyntheticConfig, generate
 from fastpost.data.text import TextEncoder
 from fastpost.data.tiny import build_tiny_text_encoder, build_tiny_vae
-from fastpost.models import get_family
+from fastpost.models import get_family, resolve_family
 from tests._harness import run_distributed
 
 COG, MOCHI = get_family("cogvideox"), get_family("mochi")
@@ -187,7 +187,7 @@ def test_resume_with_different_settings_or_unknown_key_raises(env):
     with pytest.raises(ConfigError, match=r"different settings \(max_frames 17 -> 9\); use a new output_dir"):
         pp.preprocess(from_dict(pp.PreprocessConfig, {**env["cfg"], "max_frames": 9}), COG)
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['max_frame'\]"):
-        pp.main([f"data={env['data']}", "output_dir=x", "vae=v", "text_encoder=t", "max_frame=3"])
+        pp.main([f"data={env['data']}", "output_dir=x", "vae=v", "text_encoder=t", "max_frame=3"], resolve_family)
 
 
 def _world2_worker(rank: int, world: int, cfg: dict) -> None:

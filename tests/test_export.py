@@ -89,3 +89,32 @@ def test_export_from_fsdp_shards_equals_single_process(pipeline_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_comfyui_lora_applies_like_comfyui_to_the_base_weights(pipeline_dir, tmp_path):
+    """ComfyUI's rule for its generic LoRA keys: W[<module>] += alpha / rank * up @ down, where <module> is the
+    name in ComfyUI's own model (for CogVideoX: blocks.N.q / k / v / attn_out). Applied to the plain base
+    transformer, the file must reproduce the trained LoRA model."""
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import load_file
+
+    from fastpost.export import save_comfy_lora
+
+    family = get_family("cogvideox")
+    model = _trained_lora_model(pipeline_dir, ParallelDims(world_size=1))
+    path = save_comfy_lora(model, family, tmp_path / "lora_comfyui.safetensors")
+    lora = load_file(path)
+    assert "diffusion_model.blocks.0.q.lora_down.weight" in lora and "diffusion_model.blocks.1.attn_out.alpha" in lora
+    base = CogVideoXTransformer3DModel.from_pretrained(pipeline_dir, subfolder="transformer")
+    weights = dict(base.named_parameters())
+    by_comfy_name = {family.comfy_name(n[: -len(".weight")]): n for n in weights if n.endswith(".weight")}
+    applied = 0
+    with torch.no_grad():
+        for key, up in lora.items():
+            if key.endswith(".lora_up.weight"):
+                name = key[len("diffusion_model."): -len(".lora_up.weight")]
+                down, alpha = lora[f"diffusion_model.{name}.lora_down.weight"], lora[f"diffusion_model.{name}.alpha"]
+                weights[by_comfy_name[name]] += alpha / down.shape[0] * up @ down
+                applied += 1
+    assert applied == 2 * 4  # 2 blocks x q, k, v, attn_out
+    assert (_predict(base) - _predict(model)).abs().max() <= 1e-5

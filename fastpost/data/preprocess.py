@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -292,21 +292,9 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     return report
 
 
-def _family(cfg: PreprocessConfig):
-    """The command's composition root: the one place the data command looks up a model family (by name, or by the
-    VAE class of the `vae` folder); everything below it takes the family object."""
-    from fastpost.models import family_for_vae, get_family
-
-    if cfg.family is not None:
-        return get_family(cfg.family)
-    path = Path(cfg.vae)
-    path = path / "vae" if (path / "vae" / "config.json").is_file() else path
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no VAE config.json in {str(path)!r}; pass a folder written by save_pretrained")
-    return family_for_vae(json.loads((path / "config.json").read_text()).get("_class_name"))
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, resolve_family: Callable[[str | None, str], Any]) -> int:
+    """`fastpost preprocess`. resolve_family(name, vae folder) -> the model family: the caller (cli.py, the
+    composition root) looks families up, so data never imports models."""
     p = argparse.ArgumentParser(
         prog="fastpost preprocess",
         description="Encode captioned videos/images into latent shards (resumable; works under torchrun).",
@@ -327,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         started = True
     try:
         rank = _world()[0]
-        report = preprocess(cfg, _family(cfg))
+        report = preprocess(cfg, resolve_family(cfg.family, cfg.vae))
     finally:
         if started:
             dist.destroy_process_group()
@@ -336,5 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m fastpost.data.preprocess ...` = `fastpost preprocess ...`
+    import sys
+
+    from fastpost.cli import main as cli_main
+
+    cli_main(["preprocess", *sys.argv[1:]])

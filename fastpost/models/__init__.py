@@ -97,6 +97,9 @@ class ModelFamily:
     scheduler_samplers: Mapping[str, str] = field(default_factory=dict)  # scheduler class -> default sampler
     lora_targets: str | None = None  # regex over module names; None: attention projections of the blocks
     conditioning: tuple[str, ...] = ("text",)  # the inputs predict() is conditioned on (I2V adds "image")
+    # regex renames (pattern, replacement) from diffusers module names to ComfyUI's native ones, for the
+    # ComfyUI LoRA export; () keeps diffusers' names (ComfyUI families that load diffusers-named weights)
+    comfy_names: tuple[tuple[str, str], ...] = ()
     default_flavor: str = "debug"
     blocks_attr: str = "transformer_blocks"
     notes: Mapping[str, Any] = field(default_factory=dict)  # free-form facts for people (not read by code)
@@ -133,6 +136,14 @@ class ModelFamily:
         else:
             subfolder = "transformer"  # a hub id names a whole pipeline
         return self.diffusers_class.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=dtype)
+
+    def comfy_name(self, module: str) -> str:
+        """ComfyUI's name for a diffusers module path (see comfy_names)."""
+        import re
+
+        for pattern, replacement in self.comfy_names:
+            module = re.sub(pattern, replacement, module)
+        return module
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(getattr(model, self.blocks_attr))
@@ -293,6 +304,17 @@ def family_for_vae(class_name: str | None) -> ModelFamily:
     return matches[0]
 
 
+def resolve_family(name: str | None, vae: str | Path):
+    """The family named `name`, or else the one whose VAE class the `vae` folder (or pipeline folder) holds."""
+    if name is not None:
+        return get_family(name)
+    path = Path(vae)
+    path = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no VAE config.json in {str(path)!r}; pass a folder written by save_pretrained")
+    return family_for_vae(json.loads((path / "config.json").read_text()).get("_class_name"))
+
+
 def get_family(name: str) -> ModelFamily:
     family = _import_family(name) if name.isidentifier() and not name.startswith("_") else None
     if family is None:
@@ -301,4 +323,5 @@ def get_family(name: str) -> ModelFamily:
 
 
 __all__ = ["ModelFamily", "PREDICTION_TYPES", "PipelineFacts", "available_families", "family_for_vae", "get_family",
+           "resolve_family",
            "sequence_parallel_on_blocks"]

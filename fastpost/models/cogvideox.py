@@ -196,6 +196,10 @@ TEXT = TextSpec("T5EncoderModel", max_length_key="max_text_seq_length", pass_mas
 # CogVideoXPipeline: randn [B, F, C, H, W]; 8 fps; 50 steps, guidance 6; size = the transformer's sample size
 PIPELINE = PipelineFacts("ddim", "BFCHW", fps=8, steps=50, guidance_scale=6.0, size=None)
 LORA_TARGETS = r".*transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)$"
+# ComfyUI's native CogVideoX (comfy/ldm/cogvideo/model.py) names a block's projections q, k, v, attn_out,
+# ff_proj, ff_out in `blocks.N`
+COMFY_NAMES = ((r"^transformer_blocks\.", "blocks."), (r"\.attn1\.to_out\.0$", ".attn_out"),
+               (r"\.attn1\.to_([qkv])$", r".\1"), (r"\.ff\.net\.0\.proj$", ".ff_proj"), (r"\.ff\.net\.2$", ".ff_out"))
 
 
 FAMILY = ModelFamily(
@@ -215,5 +219,6 @@ FAMILY = ModelFamily(
     pipeline=PIPELINE,
     scheduler_samplers={"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"},
     lora_targets=LORA_TARGETS,
+    comfy_names=COMFY_NAMES,
     notes=dict(text_encoder="t5-v1_1-xxl", latent_layout="BCFHW (transformer: BFCHW)"),
 )
