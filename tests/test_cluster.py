@@ -276,7 +276,7 @@ def test_consecutive_nonfinite_steps_exit_4_and_keep_the_last_good_checkpoint(tm
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
     model = torch.nn.Linear(3, 2)
     manager = CheckpointManager(tmp_path, keep_last=3)
-    manager.save(4, model, torch.optim.AdamW(model.parameters()), {}, {})
+    manager.save(4, {"model": (model, torch.optim.AdamW(model.parameters()))}, {}, {})
     # A job killed while writing step 6 (DCP files, no rename yet), and a step folder with no DCP metadata.
     (tmp_path / "step_00000006.tmp").mkdir()
     (tmp_path / "step_00000006.tmp" / "__0_0.distcp").write_bytes(b"partial")
@@ -284,6 +284,6 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path):
     assert resolve_resume(tmp_path, "latest") == tmp_path / "step_00000004"
     with pytest.raises(FileNotFoundError, match="incomplete"):
         resolve_resume(tmp_path, str(tmp_path / "step_00000008"))
-    manager.save(5, model, torch.optim.AdamW(model.parameters()), {}, {})
+    manager.save(5, {"model": (model, torch.optim.AdamW(model.parameters()))}, {}, {})
     assert not (tmp_path / "step_00000006.tmp").exists()  # the next save removes the leftover
     assert resolve_resume(tmp_path, "latest") == tmp_path / "step_00000005"

@@ -283,7 +283,8 @@ def test_training_checkpoint_and_lora_loading(comp, tmp_path):
     text_vae = dict(vae=str(comp["cogvideox"]), text_encoder=str(comp["cogvideox"]))
     # full finetune checkpoint holding the pipeline's transformer weights == the pipeline itself
     model = make_model(fam, "debug", seed=0)
-    CheckpointManager(tmp_path / "full" / "checkpoints").save(3, model, torch.optim.AdamW(model.parameters()), {}, {})
+    CheckpointManager(tmp_path / "full" / "checkpoints").save(
+        3, {"model": (model, torch.optim.AdamW(model.parameters()))}, {}, {})
     cfg = _cfg(comp, "cogvideox")
     cfg.model = SampleModelConfig(family="cogvideox", flavor="debug", checkpoint=str(tmp_path / "full" / "checkpoints"),
                                   **text_vae)
@@ -300,7 +301,7 @@ def test_training_checkpoint_and_lora_loading(comp, tmp_path):
             if "lora_" in name:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
     trainable = [p for p in base.parameters() if p.requires_grad]
-    CheckpointManager(tmp_path / "lora_run" / "checkpoints").save(1, base, torch.optim.AdamW(trainable), {}, {})
+    CheckpointManager(tmp_path / "lora_run" / "checkpoints").save(1, {"model": (base, torch.optim.AdamW(trainable))}, {}, {})
     (tmp_path / "lora_run" / "config.yaml").write_text("lora: {enabled: true, rank: 4, alpha: 8.0}\n")
     # diffusers-format export with the adapter metadata (alpha != rank must survive; fastpost.lora.export_lora
     # drops it in this revision), the way diffusers' own training scripts save

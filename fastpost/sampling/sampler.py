@@ -219,7 +219,7 @@ class VideoSampler:
         negatives = [it.negative_prompt for it in self.items] if self.guidance > 1 else None
         self.cond, self.uncond = encode_prompts(self.family, self.text_dir, [it.prompt for it in self.items],
                                                 negatives, self.text_length, self.device, self.dtype,
-                                                allow_pickle=m.allow_pickle)
+                                                allow_pickle=self.cfg.model.allow_pickle)
         if self.mesh.cfg_group is not None:
             strategy = "parallel"
         else:
@@ -275,7 +275,7 @@ class VideoSampler:
 
         if self.vae is None:
             self.vae = load_vae(self.vae_dir, device=self.device, dtype=self.dtype, spec=self.family.vae,
-                                allow_pickle=m.allow_pickle)
+                                allow_pickle=self.cfg.model.allow_pickle)
             if self.cfg.vae_tiling:
                 self.vae.enable_tiling()
         z = latents_BCFHW[:, :, self.geometry.pad_frames:]
