@@ -103,6 +103,10 @@ def _train(argv: list[str]) -> None:
     except (ConfigError, ShardError, JobStop) as e:
         keep_exit_code()
         _say(f"fastpost train: error: {e}")
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a live gloo group at interpreter exit can abort the process (seen: exit -6)
+            dist.destroy_process_group()
         raise SystemExit(e.code if isinstance(e, JobStop) else EXIT_BAD_INPUT) from None
     # Every stop below is decided collectively (the same on every rank), so every rank exits with the same code.
     try:

@@ -132,7 +132,7 @@ def test_rerun_after_kill_redoes_only_the_unfinished_shard(env, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     before = [ShardDataset(env["root"] / "out")[i]["latents"] for i in range(8)]
     argv = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**env["cfg"], "output_dir": str(out)}.items()]
-    assert pp.main(argv) == 0
+    assert pp.main(argv, resolve_family) == 0
     rep = json.loads((out / pp.REPORT).read_text())
     assert (rep["shards_written"], rep["shards_skipped_complete"], rep["samples_written"]) == (1, 2, 2)
     assert rep["dataset_samples"] == 8 and len(rep["dataset_failed_inputs"]) == 1
