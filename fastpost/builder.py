@@ -302,9 +302,11 @@ def build_model(family, spec: ModelSpec, dims, *, ac: ACConfig | None = None, fs
         apply_fsdp(model, blocks, dims, fsdp or FSDPConfig())
     if device is None:
         device = torch.device(dims.mesh.device_type if dims.mesh is not None else "cpu")
+    from torch.distributed.tensor import DTensor
+
     if any(_local(p).is_meta for p in model.parameters()):
         _materialize(model, device)
-    elif not shard:
+    elif not any(isinstance(p, DTensor) for p in model.parameters()):  # not sharded (world 1, or shard=False)
         model.to(device)
     if spec.pretrained is not None:
         load_weights(model, transformer_dir(spec.pretrained), spec.variant, spec.allow_pickle)

@@ -214,7 +214,7 @@ class Trainer:
 
     def _build_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """A recipe's own small trainable module: fp32, sharded (so its gradients are averaged) on the mesh."""
-        return apply_fsdp(module, [], self.dims, FSDPConfig())
+        return apply_fsdp(module.to(self.device), [], self.dims, FSDPConfig())
 
     # ---- checkpoint state ------------------------------------------------------------------------------------
     def _modules(self) -> dict[str, tuple]:
