@@ -226,7 +226,8 @@ class _DecodeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         index, row = self.items[i]
-        out: dict[str, Any] = {"index": index, "row": row}
+        worker = torch.utils.data.get_worker_info()
+        out: dict[str, Any] = {"index": index, "row": row, "worker": None if worker is None else worker.id}
         try:
             with _input_file(self.base, row) as path:
                 out["pixels"], out["bucket"] = load_pixels(path, self.cfg, self.multiple, self.target_fps)
@@ -320,7 +321,7 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     if family.vae is None:
         raise ConfigError(f"model family {family.name!r} has no VAE of its own: preprocess with the family whose "
                           f"VAE made its latents")
-    target_fps = float(family.pipeline_facts().fps) if cfg.target_fps == "family" else cfg.target_fps
+    target_fps = float(family.pipeline_facts.fps) if cfg.target_fps == "family" else cfg.target_fps
     # The compute dtype only sets how the VAE / encoder run; outputs are cast at storage time (`dtype`).
     compute = _resolve_dtype(cfg.compute_dtype, device)
     vae = load_vae(cfg.vae, device=device, dtype=compute, spec=family.vae, allow_pickle=cfg.allow_pickle)
