@@ -169,7 +169,9 @@ def test_compute_dtype_and_tiling_defaults(env):
     assert pp._resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert pp._resolve_dtype("float16", torch.device("cpu")) == torch.float16
     cfg = from_dict(pp.PreprocessConfig, {"data": "x", "output_dir": "y", "vae": "v", "text_encoder": "t"})
-    assert cfg.compute_dtype == "auto" and cfg.vae_tiling == "auto" and cfg.num_workers == 2
+    assert cfg.compute_dtype == "auto" and cfg.vae_tiling == "auto" and cfg.num_workers == "auto"
+    assert pp._resolve_workers("auto", torch.device("cpu")) == 0 and pp._resolve_workers(3, torch.device("cpu")) == 3
+    assert 1 <= pp._resolve_workers("auto", torch.device("cuda", 0)) <= 8
     # bf16 compute (what CUDA gets by default) stays close to fp32 and is stored in the storage dtype
     data = str(env["data"]["jsonl"])
     _, bf = run(env, "bf16", data=data, compute_dtype="bfloat16", vae_tiling=True)

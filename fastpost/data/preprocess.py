@@ -60,7 +60,10 @@ class PreprocessConfig:
     # (CogVideoX 8, Mochi 30; CogVideoX 1.5 was trained at 16: set 16); None: keep every (strided) frame
     target_fps: float | Literal["family"] | None = None
     data_format: Literal["auto", "jsonl", "fastvideo_json", "txt_pairs", "csv", "webdataset"] = "auto"
-    num_workers: int = 2  # DataLoader processes that decode + resize (0: in the main process)
+    # DataLoader processes that decode + resize (0: in the main process). "auto": on CUDA, this rank's share of
+    # the CPU cores less one, at most 8; on CPU 0, since the VAE already uses every core there (measured on 2
+    # cores: 2 workers made the whole job 1.5x slower, docs/performance.md)
+    num_workers: int | Literal["auto"] = "auto"
     max_text_length: int = 16
     samples_per_shard: int = 8
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of latents and embeddings
@@ -81,7 +84,7 @@ class PreprocessConfig:
         for name in ("max_frames", "frame_stride", "max_text_length", "samples_per_shard"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"PreprocessConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
+        if self.num_workers != "auto" and self.num_workers < 0:
             raise ConfigError(f"PreprocessConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.target_fps is not None:
             if self.target_fps != "family" and not self.target_fps > 0:
@@ -241,13 +244,16 @@ def _as_is(item: Any) -> Any:  # DataLoader collate_fn: items pass through (a mo
 
 
 def decoded_inputs(base: Path, items: list[tuple[int, dict[str, Any]]], cfg: PreprocessConfig, multiple: int,
-                   target_fps: float | None = None) -> Iterator[dict[str, Any]]:
-    """The decoded items in order: {"index", "row", "pixels", "bucket"} or {"index", "row", "error"}."""
+                   target_fps: float | None = None, num_workers: int | None = None) -> Iterator[dict[str, Any]]:
+    """The decoded items in order: {"index", "row", "pixels", "bucket"} or {"index", "row", "error"}.
+    num_workers: the resolved count (default: cfg.num_workers, "auto" resolved for this process's device)."""
+    if num_workers is None:
+        num_workers = _resolve_workers(cfg.num_workers, _resolve_device(cfg.device))
     ds = _DecodeDataset(base, items, cfg, multiple, target_fps)
-    if cfg.num_workers == 0 or not items:
+    if num_workers == 0 or not items:
         return (ds[i] for i in range(len(ds)))
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_as_is,
-                                            num_workers=min(cfg.num_workers, len(items))))
+                                            num_workers=min(num_workers, len(items))))
 
 
 # ---- the job -------------------------------------------------------------------------------------
@@ -256,6 +262,15 @@ def read_metadata(data: str | Path, limit: int | None = None,
     """(base folder, rows, entries the reader skipped) of `data` in any fastpost.data.readers format."""
     rec = readers.read_records(data, data_format)
     return rec.base, rec.rows[:limit] if limit is not None else rec.rows, rec.skipped
+
+
+def _resolve_workers(n: int | str, device: torch.device) -> int:
+    if n != "auto":
+        return int(n)
+    if device.type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_rank - 1))
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -353,7 +368,7 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
             stats["shards_skipped_complete"] += 1
         else:
             todo += [(index, row) for row in plan[index]]
-    stream = decoded_inputs(base, todo, cfg, multiple, target_fps)
+    stream = decoded_inputs(base, todo, cfg, multiple, target_fps, _resolve_workers(cfg.num_workers, device))
     for index, group in itertools.groupby(stream, key=lambda item: item["index"]):
         inputs = [readers.source_of(row) for row in plan[index]]
         samples, failed = [], []
