@@ -67,7 +67,7 @@ def test_format_detection_and_override(env, tmp_path):
     assert readers.detect_format(d["csv"])[0] == "csv"
     assert readers.detect_format(env["synth"] / "prompts.txt") == ("txt_pairs", env["synth"])
     assert readers.detect_format(d["webdataset"]) == ("webdataset", d["webdataset"])
-    assert readers.detect_format(next(d["webdataset"].glob("*.tar")))[0] == "webdataset"
+    assert readers.detect_format(sorted(d["webdataset"].glob("*.tar"))[0])[0] == "webdataset"
     (tmp_path / "only.csv").write_text("path,caption\na.mp4,x\n")
     assert readers.detect_format(tmp_path) == ("csv", tmp_path / "only.csv")
     # explicit override: a folder's txt pairs although metadata.jsonl is there
@@ -180,3 +180,16 @@ def test_compute_dtype_and_tiling_defaults(env):
     for i in range(len(ref)):
         err = (bf[i]["latents"] - ref[i]["latents"]).abs().max() / ref[i]["latents"].abs().max()
         assert 0 < err < 0.05, err
+
+
+def test_compressed_tar_members_are_read_through_tarfile(env, tmp_path):
+    """A gzipped shard named .tar has no byte offsets to seek to: its members decode through tarfile."""
+    src = sorted(env["data"]["webdataset"].glob("*.tar"))[0]
+    (tmp_path / "wds").mkdir()
+    with tarfile.open(src) as a, tarfile.open(tmp_path / "wds" / "z.tar", "w:gz") as b:
+        for m in a.getmembers():
+            b.addfile(m, a.extractfile(m))
+    plain, gz = readers.read_webdataset(src), readers.read_webdataset(tmp_path / "wds")
+    assert "member_offset" in plain.rows[0] and "member_offset" not in gz.rows[0]
+    with pp._input_file(src.parent, plain.rows[0]) as p1, pp._input_file(tmp_path / "wds", gz.rows[0]) as p2:
+        assert p1.read_bytes() == p2.read_bytes() == (env["synth"] / env["records"][0]["path"]).read_bytes()

@@ -59,6 +59,7 @@ class PreprocessConfig:
     # resample to this frame rate (nearest earlier source frame); "family": the fps of the family's pipeline
     # (CogVideoX 8, Mochi 30; CogVideoX 1.5 was trained at 16: set 16); None: keep every (strided) frame
     target_fps: float | Literal["family"] | None = None
+    # the reader of `data` (fastpost.data.readers); "auto": from the file's extension or the folder's contents
     data_format: Literal["auto", "jsonl", "fastvideo_json", "txt_pairs", "csv", "webdataset"] = "auto"
     # DataLoader processes that decode + resize (0: in the main process). "auto": on CUDA, this rank's share of
     # the CPU cores less one, at most 8; on CPU 0, since the VAE already uses every core there (measured on 2
@@ -76,7 +77,7 @@ class PreprocessConfig:
     vae_tiling: bool | Literal["auto"] = "auto"
     text_encoder_pass_mask: bool | None = None  # None: what the family's diffusers pipeline does
     allow_pickle: bool = False  # accept pickled .bin weights for the VAE / text encoder (they can run code)
-    limit: int | None = None  # only the first N metadata rows (smoke runs)
+    limit: int | None = None  # only the first N input rows (smoke runs)
 
     def __post_init__(self) -> None:
         if not self.resolutions:
@@ -198,11 +199,16 @@ def _input_file(base: Path, row: dict[str, Any]) -> Iterator[Path]:
     if not row.get("member"):
         yield base / str(row["path"])
         return
-    with tarfile.open(base / str(row["path"])) as tar:
-        f = tar.extractfile(row["member"])
-        if f is None:
-            raise ValueError(f"{row['member']} in {row['path']} is not a regular file")
-        data = f.read()
+    if row.get("member_offset") is not None:  # an uncompressed tar: read the member's bytes in place
+        with open(base / str(row["path"]), "rb") as f:
+            f.seek(int(row["member_offset"]))
+            data = f.read(int(row["member_size"]))
+    else:
+        with tarfile.open(base / str(row["path"])) as tar:
+            f = tar.extractfile(row["member"])
+            if f is None:
+                raise ValueError(f"{row['member']} in {row['path']} is not a regular file")
+            data = f.read()
     fd, tmp = tempfile.mkstemp(suffix=Path(row["member"]).suffix)
     try:
         with os.fdopen(fd, "wb") as out:

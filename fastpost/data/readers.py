@@ -3,7 +3,8 @@
 Every reader returns a `Records`: the folder the input paths are relative to (`base`), one dict per input with
 `path` (relative to base, as recorded in the manifest) and `caption`, plus the entries it had to skip (a row
 with no caption or no media), each `{"source", "error"}`, which preprocess counts with the unreadable inputs.
-A webdataset record also has `member`: the file inside the `.tar` at `path` (decoded from the archive).
+A webdataset record also has `member`: the file inside the `.tar` at `path` (decoded from the archive), and
+`member_offset` / `member_size`: where its bytes are in an uncompressed tar.
 
     metadata.jsonl    {"path": "videos/0.mp4", "caption": "..."} per line               read_jsonl
     FastVideo JSON    [{"path", "cap": [...], "resolution", "fps", "duration"}, ...]   read_fastvideo_json
@@ -163,7 +164,11 @@ def read_webdataset(data: str | Path) -> Records:
     rows, skipped = [], []
     for tar_path in tars:
         samples: dict[str, dict[str, Any]] = {}
-        with tarfile.open(tar_path) as tar:
+        try:  # an uncompressed tar gives byte offsets that decoding can seek to; a compressed one does not
+            tar, plain = tarfile.open(tar_path, "r:"), True
+        except tarfile.ReadError:
+            tar, plain = tarfile.open(tar_path, "r:*"), False
+        with tar:
             for m in tar.getmembers():
                 if not m.isfile():
                     continue
@@ -172,7 +177,7 @@ def read_webdataset(data: str | Path) -> Records:
                 s = samples.setdefault(f"{d}/{key}" if d else key, {})
                 ext = "." + ext.lower()
                 if ext in MEDIA_EXTS and "media" not in s:
-                    s["media"] = m.name
+                    s["media"], s["span"] = m.name, (m.offset_data, m.size)
                 elif ext == ".json":
                     try:
                         s["caption"] = _caption(json.loads(tar.extractfile(m).read()).get("caption"))
@@ -183,7 +188,11 @@ def read_webdataset(data: str | Path) -> Records:
         rel = str(tar_path.relative_to(base))
         for key, s in samples.items():
             if s.get("media") and s.get("caption"):
-                rows.append({"path": rel, "member": s["media"], "caption": s["caption"]})
+                # where the bytes sit in the (uncompressed) tar: decoding seeks there instead of rescanning
+                row = {"path": rel, "member": s["media"], "caption": s["caption"]}
+                if plain:
+                    row.update(member_offset=s["span"][0], member_size=s["span"][1])
+                rows.append(row)
             else:
                 why = s.get("error") or ("no caption (x.json with 'caption')" if s.get("media") else "no video/image")
                 skipped.append({"source": f"{rel}/{s.get('media') or key}", "error": why})
