@@ -1,8 +1,10 @@
 """Preprocessing: captioned videos/images -> normalised VAE latents + text embeddings in safetensors shards.
 
-    python -m fastpost.data.preprocess data=<metadata.jsonl> output_dir=<dir> vae=<dir> text_encoder=<dir>
+    python -m fastpost.data.preprocess data=<inputs> output_dir=<dir> vae=<dir> text_encoder=<dir>
     torchrun --nproc_per_node=N -m fastpost.data.preprocess ...     (rank r takes shards r, r+N, ...)
 
+`data` is any format fastpost.data.readers reads (metadata.jsonl, FastVideo JSON, CSV, diffusers txt pairs,
+webdataset .tar). DataLoader worker processes decode and resize; the main process runs the VAE and text encoder.
 Inputs are grouped into shards of `samples_per_shard` consecutive metadata rows, so shard i always holds the
 same inputs and a rerun can skip every shard that already has a manifest line (resumable after a kill).
 An unreadable input is logged, listed in the shard's manifest entry and in preprocess_report.json, and
@@ -13,14 +15,18 @@ the normalisation the diffusers pipelines feed the DiT (see normalize_latents).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
+import tarfile
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 
 from fastpost.components import denormalize_latents, latent_norm, load_vae, normalize_latents
 from fastpost.config import ConfigError, apply_overrides, from_dict, load_yaml
-from fastpost.data import shards
+from fastpost.data import readers, shards
 from fastpost.data.text import TextEncoder
 from fastpost.distributed.fsdp import DTYPES
 
@@ -40,7 +46,8 @@ REPORT = "preprocess_report.json"
 
 @dataclass
 class PreprocessConfig:
-    data: str  # metadata.jsonl (rows with "path" relative to it and "caption"), or the folder holding it
+    data: str  # inputs in any fastpost.data.readers format (metadata.jsonl, FastVideo .json, .csv, prompts.txt +
+    #            videos.txt, webdataset .tar), or the folder holding them
     output_dir: str
     vae: str  # a VAE folder (save_pretrained) or a diffusers pipeline folder with vae/
     text_encoder: str  # a folder with tokenizer + T5 encoder, or a pipeline folder with tokenizer/ text_encoder/
@@ -49,14 +56,28 @@ class PreprocessConfig:
     resolutions: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])  # (height, width) buckets
     max_frames: int = 25  # upper bound; the count used is the largest VAE-valid one (4k+1 / 6k+1) that fits
     frame_stride: int = 1  # take every n-th source frame
+    # resample to this frame rate (nearest earlier source frame); "family": the fps of the family's pipeline
+    # (CogVideoX 8, Mochi 30; CogVideoX 1.5 was trained at 16: set 16); None: keep every (strided) frame
+    target_fps: float | Literal["family"] | None = None
+    # the reader of `data` (fastpost.data.readers); "auto": from the file's extension or the folder's contents
+    data_format: Literal["auto", "jsonl", "fastvideo_json", "txt_pairs", "csv", "webdataset"] = "auto"
+    # DataLoader processes that decode + resize (0: in the main process). "auto": on CUDA, this rank's share of
+    # the CPU cores less one, at most 8; on CPU 0, since the VAE already uses every core there (measured on 2
+    # cores: 2 workers made the whole job 1.5x slower, docs/performance.md)
+    num_workers: int | Literal["auto"] = "auto"
     max_text_length: int = 16
     samples_per_shard: int = 8
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of latents and embeddings
     device: str = "auto"
-    vae_tiling: bool = False  # diffusers' tiled encode: needed for full-size clips on one GPU; off = exact
+    # VAE + text encoder weights and compute; "auto": bfloat16 on CUDA (halves an fp32 T5-XXL's 19 GB), float32
+    # on CPU (exact). Outputs are normalised in fp32, then cast to `dtype` for storage.
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # diffusers' tiled (+ sliced) VAE encode; "auto": on for CUDA, where real-size clips run (Mochi's VAE
+    # otherwise encodes a whole clip at once), off on CPU so the tiny test VAEs encode exactly
+    vae_tiling: bool | Literal["auto"] = "auto"
     text_encoder_pass_mask: bool | None = None  # None: what the family's diffusers pipeline does
     allow_pickle: bool = False  # accept pickled .bin weights for the VAE / text encoder (they can run code)
-    limit: int | None = None  # only the first N metadata rows (smoke runs)
+    limit: int | None = None  # only the first N input rows (smoke runs)
 
     def __post_init__(self) -> None:
         if not self.resolutions:
@@ -64,6 +85,14 @@ class PreprocessConfig:
         for name in ("max_frames", "frame_stride", "max_text_length", "samples_per_shard"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"PreprocessConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ConfigError(f"PreprocessConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.target_fps is not None:
+            if self.target_fps != "family" and not self.target_fps > 0:
+                raise ConfigError(f"PreprocessConfig.target_fps must be > 0, 'family' or null, got {self.target_fps}")
+            if self.frame_stride != 1:
+                raise ConfigError("PreprocessConfig: set target_fps or frame_stride, not both (target_fps already "
+                                  "picks which source frames to keep)")
 
 
 # ---- VAE + latent normalisation (the helpers live in fastpost.components; re-exported for callers of this module)
@@ -80,8 +109,12 @@ def valid_frame_count(available: int, multiple: int, max_frames: int) -> int:
 
 
 # ---- decoding + geometry -------------------------------------------------------------------------
-def read_frames(path: str | Path, max_frames: int | None = None, stride: int = 1) -> np.ndarray:
-    """uint8 [F, H, W, 3]; images give one frame. Stops decoding once enough frames are read."""
+def read_frames(path: str | Path, max_frames: int | None = None, stride: int = 1,
+                target_fps: float | None = None) -> np.ndarray:
+    """uint8 [F, H, W, 3]; images give one frame. Stops decoding once enough frames are read.
+
+    target_fps: output frame j shows source frame floor(j * source_fps / target_fps), the one on screen at time
+    j / target_fps (dropping frames to slow down a 30 fps clip to 8, repeating them when the target is faster)."""
     import imageio.v2 as imageio
 
     path = Path(path)
@@ -94,11 +127,24 @@ def read_frames(path: str | Path, max_frames: int | None = None, stride: int = 1
     frames = []
     reader = imageio.get_reader(path, format="FFMPEG")
     try:
-        for i, frame in enumerate(reader):
-            if need is not None and i >= need:
-                break
-            if i % stride == 0:
-                frames.append(np.asarray(frame)[..., :3])
+        if target_fps is not None:
+            src_fps = float(reader.get_meta_data().get("fps") or 0)
+            if not src_fps > 0:
+                raise ValueError(f"{path} reports no frame rate, so it cannot be resampled to {target_fps} fps")
+            step, j = src_fps / target_fps, 0
+            for i, frame in enumerate(reader):
+                # 1e-9: j * step is exact in decimal (e.g. 3 * 2.5) but may land a hair below in binary
+                while (max_frames is None or j < max_frames) and math.floor(j * step + 1e-9) == i:
+                    frames.append(np.asarray(frame)[..., :3])
+                    j += 1
+                if max_frames is not None and j >= max_frames:
+                    break
+        else:
+            for i, frame in enumerate(reader):
+                if need is not None and i >= need:
+                    break
+                if i % stride == 0:
+                    frames.append(np.asarray(frame)[..., :3])
     finally:
         reader.close()
     if not frames:
@@ -125,9 +171,13 @@ def resize_center_crop(frames_FHWC: np.ndarray, height: int, width: int) -> torc
     return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
-def load_pixels(path: str | Path, cfg: PreprocessConfig, multiple: int) -> tuple[torch.Tensor, str]:
-    """Decode + choose bucket + valid frame count + resize/crop: ([3,F,H,W] in [-1,1], bucket 'FxHxW')."""
-    frames = read_frames(path, cfg.max_frames, cfg.frame_stride)
+def load_pixels(path: str | Path, cfg: PreprocessConfig, multiple: int,
+                target_fps: float | None = None) -> tuple[torch.Tensor, str]:
+    """Decode + choose bucket + valid frame count + resize/crop: ([3,F,H,W] in [-1,1], bucket 'FxHxW').
+    target_fps: the resolved frame rate (default: cfg.target_fps when it is a number)."""
+    if target_fps is None and isinstance(cfg.target_fps, (int, float)):
+        target_fps = float(cfg.target_fps)
+    frames = read_frames(path, cfg.max_frames, cfg.frame_stride, target_fps)
     n = valid_frame_count(len(frames), multiple, cfg.max_frames)
     h, w = choose_bucket(frames.shape[1], frames.shape[2], cfg.resolutions)
     return resize_center_crop(frames[:n], h, w), f"{n}x{h}x{w}"
@@ -139,25 +189,100 @@ def encode_video(vae: Any, pixels_CFHW: torch.Tensor) -> torch.Tensor:
     p = next(vae.parameters())
     x = pixels_CFHW[None].to(device=p.device, dtype=p.dtype)
     mean = vae.encode(x).latent_dist.mean
-    return normalize_latents(vae, mean)[0]
+    return normalize_latents(vae, mean.float())[0]  # fp32 normalisation whatever the VAE's compute dtype
+
+
+@contextmanager
+def _input_file(base: Path, row: dict[str, Any]) -> Iterator[Path]:
+    """The input as a file path: the file itself, or a webdataset member copied out of its .tar (ffmpeg reads
+    files; the copy lives only while it is decoded)."""
+    if not row.get("member"):
+        yield base / str(row["path"])
+        return
+    if row.get("member_offset") is not None:  # an uncompressed tar: read the member's bytes in place
+        with open(base / str(row["path"]), "rb") as f:
+            f.seek(int(row["member_offset"]))
+            data = f.read(int(row["member_size"]))
+    else:
+        with tarfile.open(base / str(row["path"])) as tar:
+            f = tar.extractfile(row["member"])
+            if f is None:
+                raise ValueError(f"{row['member']} in {row['path']} is not a regular file")
+            data = f.read()
+    fd, tmp = tempfile.mkstemp(suffix=Path(row["member"]).suffix)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        yield Path(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def _error_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    """(shard index, row) -> decoded, resized pixels, run in DataLoader workers so that ffmpeg and the resize
+    overlap the VAE encode in the main process. A failure is returned (not raised) so the input is skipped."""
+
+    def __init__(self, base: Path, items: list[tuple[int, dict[str, Any]]], cfg: PreprocessConfig, multiple: int,
+                 target_fps: float | None) -> None:
+        self.base, self.items, self.cfg, self.multiple, self.target_fps = base, items, cfg, multiple, target_fps
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index, row = self.items[i]
+        worker = torch.utils.data.get_worker_info()
+        out: dict[str, Any] = {"index": index, "row": row, "worker": None if worker is None else worker.id}
+        try:
+            with _input_file(self.base, row) as path:
+                out["pixels"], out["bucket"] = load_pixels(path, self.cfg, self.multiple, self.target_fps)
+        except Exception as e:  # any decode problem is a data problem: the caller logs, counts, moves on
+            out["error"] = _error_line(e)
+        return out
+
+
+def _as_is(item: Any) -> Any:  # DataLoader collate_fn: items pass through (a module function, so it pickles)
+    return item
+
+
+def decoded_inputs(base: Path, items: list[tuple[int, dict[str, Any]]], cfg: PreprocessConfig, multiple: int,
+                   target_fps: float | None = None, num_workers: int | None = None) -> Iterator[dict[str, Any]]:
+    """The decoded items in order: {"index", "row", "pixels", "bucket"} or {"index", "row", "error"}.
+    num_workers: the resolved count (default: cfg.num_workers, "auto" resolved for this process's device)."""
+    if num_workers is None:
+        num_workers = _resolve_workers(cfg.num_workers, _resolve_device(cfg.device))
+    ds = _DecodeDataset(base, items, cfg, multiple, target_fps)
+    if num_workers == 0 or not items:
+        return (ds[i] for i in range(len(ds)))
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, collate_fn=_as_is,
+                                            num_workers=min(num_workers, len(items))))
 
 
 # ---- the job -------------------------------------------------------------------------------------
-def read_metadata(data: str | Path, limit: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
-    path = Path(data)
-    if path.is_dir():
-        path = path / "metadata.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"metadata file {str(path)!r} not found; write one row per input: "
-                                f'{{"path": "videos/0.mp4", "caption": "..."}} (scripts/make_synthetic_videos.py does)')
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if "path" not in row or "caption" not in row:
-                raise ValueError(f"{path}:{n}: each row needs 'path' and 'caption', got keys {sorted(row)}")
-            rows.append(row)
-    return path.parent, rows[:limit] if limit is not None else rows
+def read_metadata(data: str | Path, limit: int | None = None,
+                  data_format: str = "auto") -> tuple[Path, list[dict[str, Any]], list[dict[str, str]]]:
+    """(base folder, rows, entries the reader skipped) of `data` in any fastpost.data.readers format."""
+    rec = readers.read_records(data, data_format)
+    return rec.base, rec.rows[:limit] if limit is not None else rec.rows, rec.skipped
+
+
+def _resolve_workers(n: int | str, device: torch.device) -> int:
+    if n != "auto":
+        return int(n)
+    if device.type != "cuda":
+        return 0
+    per_rank = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_rank - 1))
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -177,7 +302,8 @@ def _header(cfg: PreprocessConfig, family: Any, vae: Any, text: TextEncoder) -> 
     }
 
 
-_MUST_MATCH = ("resolutions", "max_frames", "frame_stride", "max_text_length", "samples_per_shard", "dtype")
+_MUST_MATCH = ("resolutions", "max_frames", "frame_stride", "max_text_length", "samples_per_shard", "dtype",
+               "target_fps")
 
 
 def _check_resume(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -210,17 +336,22 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     rank, world = _world()
     device, dtype = _resolve_device(cfg.device), DTYPES[cfg.dtype]
     root = Path(cfg.output_dir)
-    base, rows = read_metadata(cfg.data, cfg.limit)
+    base, rows, reader_skipped = read_metadata(cfg.data, cfg.limit, cfg.data_format)
+    for skip in reader_skipped if rank == 0 else []:
+        log.warning("skipping input %s (%s)", skip["source"], skip["error"])
     if family.vae is None:
         raise ConfigError(f"model family {family.name!r} has no VAE of its own: preprocess with the family whose "
                           f"VAE made its latents")
-    # Encode in fp32 and cast at storage time: the stored value is then independent of the storage dtype.
-    vae = load_vae(cfg.vae, device=device, spec=family.vae, allow_pickle=cfg.allow_pickle)
-    if cfg.vae_tiling:
+    target_fps = float(family.pipeline_facts.fps) if cfg.target_fps == "family" else cfg.target_fps
+    # The compute dtype only sets how the VAE / encoder run; outputs are cast at storage time (`dtype`).
+    compute = _resolve_dtype(cfg.compute_dtype, device)
+    vae = load_vae(cfg.vae, device=device, dtype=compute, spec=family.vae, allow_pickle=cfg.allow_pickle)
+    if cfg.vae_tiling is True or (cfg.vae_tiling == "auto" and device.type == "cuda"):
         vae.enable_tiling()
+        if hasattr(vae, "enable_slicing"):
+            vae.enable_slicing()
     text = TextEncoder.from_pretrained(cfg.text_encoder, family=family, pass_mask=cfg.text_encoder_pass_mask,
-                                       allow_pickle=cfg.allow_pickle,
-                                       device=device)
+                                       allow_pickle=cfg.allow_pickle, device=device, dtype=compute)
     multiple = family.vae.frame_multiple(vae)
     header = _header(cfg, family, vae, text)
     if rank == 0 and not (root / shards.MANIFEST).is_file():
@@ -237,23 +368,25 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     mine = [i for i in range(len(plan)) if i % world == rank]
     stats = {"rank": rank, "shards_written": 0, "shards_skipped_complete": 0, "samples_written": 0,
              "inputs_failed": 0, "failures": []}
+    todo = []
     for index in mine:
-        inputs = [str(row["path"]) for row in plan[index]]
-        if done.get(index, False) == inputs:
+        if done.get(index, False) == [readers.source_of(row) for row in plan[index]]:
             stats["shards_skipped_complete"] += 1
-            continue
+        else:
+            todo += [(index, row) for row in plan[index]]
+    stream = decoded_inputs(base, todo, cfg, multiple, target_fps, _resolve_workers(cfg.num_workers, device))
+    for index, group in itertools.groupby(stream, key=lambda item: item["index"]):
+        inputs = [readers.source_of(row) for row in plan[index]]
         samples, failed = [], []
-        for row in plan[index]:
-            src = str(row["path"])
-            try:
-                pixels, bucket = load_pixels(base / src, cfg, multiple)
-            except Exception as e:  # any decode problem is a data problem: log, count, move on
-                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                log.warning("skipping unreadable input %s (%s)", base / src, msg)
-                failed.append({"source": src, "error": msg})
+        for item in group:
+            row = item["row"]
+            src = readers.source_of(row)
+            if "error" in item:
+                log.warning("skipping unreadable input %s (%s)", base / src, item["error"])
+                failed.append({"source": src, "error": item["error"]})
                 continue
-            latents = encode_video(vae, pixels).to(dtype)
-            samples.append({"latents": latents, "caption": row["caption"], "source": src, "bucket": bucket})
+            latents = encode_video(vae, item["pixels"]).to(dtype)
+            samples.append({"latents": latents, "caption": row["caption"], "source": src, "bucket": item["bucket"]})
         if samples:
             embeds, mask = text.encode([s["caption"] for s in samples], cfg.max_text_length)
             for s, e, m in zip(samples, embeds, mask):
@@ -281,6 +414,8 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
         **{k: sum(r[k] for r in per_rank) for k in
            ("shards_written", "shards_skipped_complete", "samples_written", "inputs_failed")},
         "failures": [f for r in per_rank for f in r["failures"]],
+        # rows the reader could not use (no caption, no media): counted once, not per rank
+        "records_skipped": len(reader_skipped), "skipped_records": reader_skipped,
         "dataset_samples": sum(len(e["samples"]) for e in entries),
         "dataset_failed_inputs": [f for e in entries for f in e.get("failed", [])],
         "per_rank": [{k: v for k, v in r.items() if k != "failures"} for r in per_rank],
@@ -320,7 +455,8 @@ def main(argv: list[str] | None, resolve_family: Callable[[str | None, str], Any
         if started:
             dist.destroy_process_group()
     if rank == 0:
-        print(json.dumps({k: v for k, v in report.items() if k not in ("per_rank", "dataset_failed_inputs")}))
+        print(json.dumps({k: v for k, v in report.items()
+                          if k not in ("per_rank", "dataset_failed_inputs", "skipped_records")}))
     return 0
 
 

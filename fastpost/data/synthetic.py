@@ -11,6 +11,7 @@ plus optional still images (png, 1 frame) so mixed image/video datasets can be e
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -210,6 +211,45 @@ def generate(cfg: SyntheticConfig) -> list[dict]:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     os.replace(tmp, out / "metadata.jsonl")
     return records
+
+
+def write_format(out_dir: str | Path, records: list[dict], fmt: str, samples_per_tar: int = 2) -> Path:
+    """Describe `records` (as `generate` returns them, paths relative to out_dir) in another input format that
+    fastpost.data.readers reads; returns what to pass as preprocess `data`. Formats: fastvideo_json
+    (videos2caption.json), csv (captions.csv), txt_pairs (prompts.txt + videos.txt), webdataset (wds/*.tar with
+    <key>.<ext> + <key>.json {"caption": ...})."""
+    import csv
+    import tarfile
+
+    out = Path(out_dir)
+    if fmt == "fastvideo_json":
+        items = [{"path": r["path"], "cap": [r["caption"]], "resolution": {"height": r["height"], "width": r["width"]},
+                  "fps": r["fps"], "duration": r["frames"] / r["fps"] if r["fps"] else 0.0} for r in records]
+        (out / "videos2caption.json").write_text(json.dumps(items, indent=1))
+        return out / "videos2caption.json"
+    if fmt == "csv":
+        with open(out / "captions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["video", "text", "fps"])
+            w.writerows([r["path"], r["caption"], r["fps"]] for r in records)
+        return out / "captions.csv"
+    if fmt == "txt_pairs":
+        (out / "prompts.txt").write_text("".join(r["caption"] + "\n" for r in records))
+        (out / "videos.txt").write_text("".join(r["path"] + "\n" for r in records))
+        return out / "videos.txt"
+    if fmt == "webdataset":
+        (out / "wds").mkdir(exist_ok=True)
+        for t, start in enumerate(range(0, len(records), samples_per_tar)):
+            with tarfile.open(out / "wds" / f"shard-{t:05d}.tar", "w") as tar:
+                for i, r in enumerate(records[start:start + samples_per_tar], start):
+                    key = f"{i:06d}"
+                    tar.add(out / r["path"], arcname=key + Path(r["path"]).suffix)
+                    meta = json.dumps({"caption": r["caption"]}).encode()
+                    info = tarfile.TarInfo(key + ".json")
+                    info.size = len(meta)
+                    tar.addfile(info, io.BytesIO(meta))
+        return out / "wds"
+    raise ValueError(f"write_format: unknown format {fmt!r}; use fastvideo_json, csv, txt_pairs or webdataset")
 
 
 def write_latent_shards(root, n_samples: int, latent_shape: tuple[int, ...], text_len: int, text_dim: int,
