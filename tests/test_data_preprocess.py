@@ -38,7 +38,7 @@ def env(tmp_path_factory):
     env = {"root": root, "data": str(root / "synth" / "metadata.jsonl"),
            "vae": str(build_tiny_vae(root / "vae", COG)), "te": str(build_tiny_text_encoder(root / "te"))}
     env["cfg"] = dict(data=env["data"], output_dir=str(root / "out"), vae=env["vae"], text_encoder=env["te"],
-                      resolutions=RESOLUTIONS, samples_per_shard=3, max_frames=17)
+                      resolutions=RESOLUTIONS, samples_per_shard=3, max_frames=17, max_text_length=16)
     env["report"] = pp.preprocess(from_dict(pp.PreprocessConfig, env["cfg"]), COG)
     return env
 
@@ -103,7 +103,8 @@ def test_mochi_family(env, tmp_path):
     generate(SyntheticConfig(out_dir=str(tmp_path / "synth"), num_videos=2, num_images=1, frames=[15], seed=2))
     vae_dir = build_tiny_vae(tmp_path / "vae", MOCHI)
     cfg = from_dict(pp.PreprocessConfig, dict(data=str(tmp_path / "synth"), output_dir=str(tmp_path / "out"),
-                                              vae=str(vae_dir), text_encoder=env["te"], max_frames=15))
+                                              vae=str(vae_dir), text_encoder=env["te"], max_frames=15,
+                                              max_text_length=16))
     rep = pp.preprocess(cfg, MOCHI)
     assert rep["samples_written"] == 3 and rep["inputs_failed"] == 0
     ds = ShardDataset(tmp_path / "out")
@@ -132,7 +133,7 @@ def test_rerun_after_kill_redoes_only_the_unfinished_shard(env, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     before = [ShardDataset(env["root"] / "out")[i]["latents"] for i in range(8)]
     argv = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in {**env["cfg"], "output_dir": str(out)}.items()]
-    assert pp.main(argv) == 0
+    assert pp.main(argv, resolve_family) == 0
     rep = json.loads((out / pp.REPORT).read_text())
     assert (rep["shards_written"], rep["shards_skipped_complete"], rep["samples_written"]) == (1, 2, 2)
     assert rep["dataset_samples"] == 8 and len(rep["dataset_failed_inputs"]) == 1
