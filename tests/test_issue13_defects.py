@@ -3,6 +3,7 @@ shards are checked against the model at start-up; CogVideoX 1.5 trains at 49 / 8
 latent frame repeated in front); the unconditional branch and caption dropout use the stored encoding of ""."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_fastpost_train_refuses_shards_of_another_text_length_with_one_line_and_
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     r = subprocess.run([sys.executable, "-m", "fastpost.cli", "train", "--config", str(tmp_path / "job.yaml")],
                        capture_output=True, text=True, cwd=REPO, timeout=120,
-                       env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "prompts of 16 tokens but the transformer's max_text_seq_length is 8" in errors[0]

@@ -170,5 +170,6 @@ _OBJECTIVE_KEYS = {"beta_start", "beta_end", "beta_schedule", "trained_betas", "
                    "prediction_type", "rescale_betas_zero_snr", "snr_shift_scale", "shift", "use_dynamic_shifting"}
 
 
-__all__ = ["ComponentMismatch", "DataModelMismatch", "check_text_encoder_for_model", "ObjectiveMismatch", "TEXT_WIDTH_KEYS", "check_shards_for_model",
-           "objective_scheduler_config", "pretrained_vae_config", "text_width"]
+__all__ = ["ComponentMismatch", "DataModelMismatch", "ObjectiveMismatch", "TEXT_WIDTH_KEYS",
+           "check_shards_for_model", "check_text_encoder_for_model", "objective_scheduler_config",
+           "pretrained_vae_config", "text_width"]
