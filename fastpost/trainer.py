@@ -28,6 +28,7 @@ from fastpost.builder import ModelSpec, build_model
 from fastpost.checkpoint import CheckpointConfig, CheckpointManager, resolve_resume
 from fastpost.cluster import EXIT_DIVERGED, ClusterConfig, JobGuard, JobStop
 from fastpost.config import from_dict, to_dict
+from fastpost.data.checks import check_shards_for_model, pretrained_vae_config
 from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
@@ -51,7 +52,9 @@ class ParallelConfig:
 @dataclass
 class ModelConfig:
     family: str = "cogvideox"
-    flavor: str | None = "debug"  # random init only (no pretrained): the family's config of that name
+    # random init only (no pretrained; None: the family's default, its tiny "debug" config). With pretrained the
+    # checkpoint's own config.json and scheduler/ are the truth; a flavor that contradicts them is an error
+    flavor: str | None = None
     pretrained: str | None = None  # local diffusers pipeline or transformer directory
     init_seed: int = 0  # seeds random init when there is no pretrained checkpoint (and the LoRA init)
     attention_backend: str = "auto"
@@ -196,6 +199,9 @@ class Trainer:
         if not cfg.data.path:
             raise ValueError("data.path is empty: point it at a latent shard folder written by `fastpost preprocess`")
         self.loader = self.guard.checked(lambda: ShardLoader.from_config(cfg.data, self.dims))  # collective
+        # the shards must fit the model (family, VAE, channels, text width / length / mask, frames): one line if not
+        check_shards_for_model(self.loader.dataset, self.family, getattr(self.model, "config", None),
+                               pretrained_vae_config(cfg.model.pretrained))
         # 6. checkpoints
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0

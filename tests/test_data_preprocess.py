@@ -38,7 +38,7 @@ def env(tmp_path_factory):
     env = {"root": root, "data": str(root / "synth" / "metadata.jsonl"),
            "vae": str(build_tiny_vae(root / "vae", COG)), "te": str(build_tiny_text_encoder(root / "te"))}
     env["cfg"] = dict(data=env["data"], output_dir=str(root / "out"), vae=env["vae"], text_encoder=env["te"],
-                      resolutions=RESOLUTIONS, samples_per_shard=3, max_frames=17)
+                      resolutions=RESOLUTIONS, samples_per_shard=3, max_frames=17, max_text_length=16)
     env["report"] = pp.preprocess(from_dict(pp.PreprocessConfig, env["cfg"]), COG)
     return env
 
@@ -103,7 +103,8 @@ def test_mochi_family(env, tmp_path):
     generate(SyntheticConfig(out_dir=str(tmp_path / "synth"), num_videos=2, num_images=1, frames=[15], seed=2))
     vae_dir = build_tiny_vae(tmp_path / "vae", MOCHI)
     cfg = from_dict(pp.PreprocessConfig, dict(data=str(tmp_path / "synth"), output_dir=str(tmp_path / "out"),
-                                              vae=str(vae_dir), text_encoder=env["te"], max_frames=15))
+                                              vae=str(vae_dir), text_encoder=env["te"], max_frames=15,
+                                              max_text_length=16))
     rep = pp.preprocess(cfg, MOCHI)
     assert rep["samples_written"] == 3 and rep["inputs_failed"] == 0
     ds = ShardDataset(tmp_path / "out")

@@ -65,7 +65,11 @@ class PreprocessConfig:
     # the CPU cores less one, at most 8; on CPU 0, since the VAE already uses every core there (measured on 2
     # cores: 2 workers made the whole job 1.5x slower, docs/performance.md)
     num_workers: int | Literal["auto"] = "auto"
-    max_text_length: int = 16
+    # prompt length in tokens; None: the transformer config's (family.text.max_length: CogVideoX 226, Mochi 256),
+    # which the pipelines pad to and `fastpost train` checks the shards against
+    max_text_length: int | None = None
+    transformer: str | None = None  # transformer config source (a pipeline or transformer folder) for the text
+    #                                 length and latent frame padding; None: the `vae` folder when it is a pipeline
     samples_per_shard: int = 8
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage dtype of latents and embeddings
     device: str = "auto"
@@ -83,7 +87,7 @@ class PreprocessConfig:
         if not self.resolutions:
             raise ConfigError("PreprocessConfig.resolutions needs at least one (height, width) bucket")
         for name in ("max_frames", "frame_stride", "max_text_length", "samples_per_shard"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"PreprocessConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers != "auto" and self.num_workers < 0:
             raise ConfigError(f"PreprocessConfig.num_workers must be >= 0, got {self.num_workers}")
@@ -291,12 +295,52 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _header(cfg: PreprocessConfig, family: Any, vae: Any, text: TextEncoder) -> dict[str, Any]:
+def transformer_config(cfg: PreprocessConfig) -> dict | None:
+    """The transformer config.json from cfg.transformer (a pipeline or transformer folder), else from the vae or
+    text_encoder folder when it is a whole pipeline (transformer/config.json); None when there is none."""
+    if cfg.transformer:
+        candidates = [Path(cfg.transformer) / "transformer" / "config.json", Path(cfg.transformer) / "config.json"]
+    else:
+        candidates = [Path(p) / "transformer" / "config.json" for p in (cfg.vae, cfg.text_encoder)]
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text())
+    if cfg.transformer:
+        raise ConfigError(f"transformer={cfg.transformer!r} holds neither transformer/config.json nor config.json")
+    return None
+
+
+def text_length(cfg: PreprocessConfig, family: Any, config: dict | None) -> int:
+    """max_text_length, else the transformer config's prompt length (what the pipeline pads prompts to)."""
+    if cfg.max_text_length is not None:
+        return cfg.max_text_length
+    length = family.text.max_length(config) if config is not None and family.text is not None else None
+    if not length:
+        key = family.text.max_length_key if family.text is not None else "max_text_length"
+        raise ConfigError(f"max_text_length is unset and there is no transformer config to read {key!r} from: pass "
+                          f"a pipeline folder (vae=<pipeline> or transformer=<pipeline>) or set max_text_length")
+    return int(length)
+
+
+def pad_latent_frames(latents_CFHW: torch.Tensor, patch_t: int) -> torch.Tensor:
+    """Latent frames up to a multiple of the transformer's temporal patch by repeating the first latent frame in
+    front, as CogVideoX 1.5's own finetuning does (13 latent frames of a 49-frame clip -> 14; an image -> 2)."""
+    pad = (patch_t - latents_CFHW.shape[1] % patch_t) % patch_t
+    if not pad:
+        return latents_CFHW
+    return torch.cat([latents_CFHW[:, :1].expand(-1, pad, -1, -1), latents_CFHW], dim=1)
+
+
+def _header(cfg: PreprocessConfig, family: Any, vae: Any, text: TextEncoder, length: int,
+            patch_t: int) -> dict[str, Any]:
     return {
         "vae": {"family": family.name, "class": type(vae).__name__, "path": str(cfg.vae),
-                "normalization": latent_norm(vae), "frame_multiple": family.vae.frame_multiple(vae)},
+                "normalization": latent_norm(vae), "frame_multiple": family.vae.frame_multiple(vae),
+                # latent frames padded to a multiple of this by repeating the first one in front (1: no padding)
+                "latent_frame_multiple": patch_t},
         "text_encoder": {"path": str(cfg.text_encoder), "hidden_size": text.hidden_size,
-                         "max_length": cfg.max_text_length, "pass_mask": text.pass_mask},
+                         "max_length": length, "pass_mask": text.pass_mask,
+                         "empty_prompt": shards.EMPTY_PROMPT},
         "latents": "posterior mean, normalised for the DiT input (fastpost.data.preprocess.normalize_latents)",
         "config": asdict(cfg),
     }
@@ -311,9 +355,12 @@ def _check_resume(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     diffs = []
     if old["vae"]["normalization"] != new["vae"]["normalization"]:
         diffs.append(f"vae normalization {old['vae']['normalization']} -> {new['vae']['normalization']}")
-    for k in ("hidden_size", "pass_mask"):
-        if old["text_encoder"][k] != new["text_encoder"][k]:
-            diffs.append(f"text_encoder.{k} {old['text_encoder'][k]} -> {new['text_encoder'][k]}")
+    for k in ("hidden_size", "pass_mask", "max_length"):
+        if old["text_encoder"].get(k) != new["text_encoder"][k]:
+            diffs.append(f"text_encoder.{k} {old['text_encoder'].get(k)} -> {new['text_encoder'][k]}")
+    if old["vae"].get("latent_frame_multiple", 1) != new["vae"]["latent_frame_multiple"]:
+        diffs.append(f"latent_frame_multiple {old['vae'].get('latent_frame_multiple', 1)} -> "
+                     f"{new['vae']['latent_frame_multiple']}")
     for k in _MUST_MATCH:
         a, b = json.loads(json.dumps(old["config"].get(k))), json.loads(json.dumps(new["config"].get(k)))
         if a != b:
@@ -353,13 +400,19 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     text = TextEncoder.from_pretrained(cfg.text_encoder, family=family, pass_mask=cfg.text_encoder_pass_mask,
                                        allow_pickle=cfg.allow_pickle, device=device, dtype=compute)
     multiple = family.vae.frame_multiple(vae)
-    header = _header(cfg, family, vae, text)
+    config = transformer_config(cfg)
+    length = text_length(cfg, family, config)
+    patch_t = family.patch_sizes(config)[0] if config is not None else 1
+    header = _header(cfg, family, vae, text, length, patch_t)
     if rank == 0 and not (root / shards.MANIFEST).is_file():
         shards.create_manifest(root, header)
     if world > 1:
         dist.barrier()
     old_header, entries = shards.read_manifest(root)
     _check_resume(root, old_header, header)
+    if rank == 0:  # the unconditional prompt of guidance and caption dropout, encoded like every caption
+        empty_embeds, empty_mask = text.encode([""], length)
+        shards.write_empty_prompt(root, empty_embeds[0].to(dtype), empty_mask[0])
     # A shard is done only if it was made from the same inputs: a run with `limit`, or metadata that grew
     # since, can leave a short last shard that must be redone (its newer manifest line then wins).
     done = {e["index"]: e.get("inputs") for e in entries}
@@ -385,10 +438,10 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
                 log.warning("skipping unreadable input %s (%s)", base / src, item["error"])
                 failed.append({"source": src, "error": item["error"]})
                 continue
-            latents = encode_video(vae, item["pixels"]).to(dtype)
+            latents = pad_latent_frames(encode_video(vae, item["pixels"]), patch_t).to(dtype)
             samples.append({"latents": latents, "caption": row["caption"], "source": src, "bucket": item["bucket"]})
         if samples:
-            embeds, mask = text.encode([s["caption"] for s in samples], cfg.max_text_length)
+            embeds, mask = text.encode([s["caption"] for s in samples], length)
             for s, e, m in zip(samples, embeds, mask):
                 s["prompt_embeds"], s["prompt_attention_mask"] = e.to(dtype), m
             entry = shards.write_shard(root, index, samples)

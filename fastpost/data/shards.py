@@ -4,6 +4,8 @@ Layout of a dataset folder:
   manifest.jsonl           line 1: {"type": "header", "format": "fastpost-shards", "version": 1, ...encoding info}
                            then one {"type": "shard", ...} line per *completed* shard
   shard-00000.safetensors  tensors s{i}.latents [C,F,H,W], s{i}.prompt_embeds [T,D], s{i}.prompt_attention_mask [T]
+  empty_prompt.safetensors the encoding of "" (prompt_embeds [T,D], prompt_attention_mask [T]) with the same text
+                           encoder and length: the unconditional branch of guidance and caption dropout
   preprocess_report.json   written by preprocessing (counts, skipped inputs)
 
 Crash safety: a shard is written to a temp file in the same folder, fsynced and os.replace'd into place, and
@@ -111,6 +113,27 @@ def write_shard(root: str | Path, index: int, samples: list[dict[str, Any]]) -> 
     atomic_write_bytes(root / name, data)
     return {"type": "shard", "index": index, "file": name, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "samples": records}
+
+
+EMPTY_PROMPT = "empty_prompt.safetensors"
+
+
+def write_empty_prompt(root: str | Path, embeds_TD: torch.Tensor, mask_T: torch.Tensor) -> None:
+    """Store the encoding of "" next to the manifest (atomically; rewriting it with the same values is harmless)."""
+    data = safetensors_save({"prompt_embeds": embeds_TD.detach().cpu().contiguous(),
+                             "prompt_attention_mask": mask_T.detach().cpu().contiguous()},
+                            metadata={"format": FORMAT, "prompt": ""})
+    atomic_write_bytes(Path(root) / EMPTY_PROMPT, data)
+
+
+def read_empty_prompt(root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds [T,D], prompt_attention_mask [T]) of "" as preprocessing encoded it."""
+    path = Path(root) / EMPTY_PROMPT
+    if not path.is_file():
+        raise ShardError(f"{path} is missing: the shards were written by an older fastpost, which did not store the "
+                         f"encoding of the empty prompt (needed for guidance and caption_dropout); {_FIX}")
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("prompt_embeds"), f.get_tensor("prompt_attention_mask")
 
 
 def append_manifest(root: str | Path, entry: dict[str, Any]) -> None:

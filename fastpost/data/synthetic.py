@@ -258,7 +258,7 @@ def write_latent_shards(root, n_samples: int, latent_shape: tuple[int, ...], tex
     fixed latent patterns plus noise, with the class's prompt embedding, so a conditional model can fit it."""
     import torch
 
-    from fastpost.data.shards import append_manifest, create_manifest, write_shard
+    from fastpost.data.shards import append_manifest, create_manifest, write_empty_prompt, write_shard
 
     g = torch.Generator().manual_seed(seed)
     patterns = torch.randn(classes, *latent_shape, generator=g)
@@ -275,6 +275,10 @@ def write_latent_shards(root, n_samples: int, latent_shape: tuple[int, ...], tex
         })
     for s, start in enumerate(range(0, n_samples, samples_per_shard)):
         append_manifest(root, write_shard(root, s, samples[start:start + samples_per_shard]))
+    # the "empty prompt" of this dataset, as preprocessing stores the encoding of "": its own embedding, with a
+    # mask of one valid token (T5's EOS), drawn from its own generator so the samples above stay as they were
+    empty = torch.randn(text_len, text_dim, generator=torch.Generator().manual_seed(seed + 1))
+    write_empty_prompt(root, empty, (torch.arange(text_len) < 1).long())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,8 @@ def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: to
     _, _, frames, height, width = noisy_latents_BCFHW.shape
     if cfg.patch_size_t is not None and frames % cfg.patch_size_t:
         raise ValueError(f"CogVideoX 1.5 needs latent frames divisible by patch_size_t={cfg.patch_size_t}, got "
-                         f"{frames} (the pipeline pads latents with extra frames; do that when preprocessing)")
+                         f"{frames}: preprocess with the transformer's config (a pipeline folder, or transformer=<dir>), which "
+                         f"repeats the first latent frame in front as CogVideoX's own finetuning does")
     if height % cfg.patch_size or width % cfg.patch_size:
         raise ValueError(f"latent height/width {height}x{width} must be multiples of patch_size={cfg.patch_size}")
     rotary = None

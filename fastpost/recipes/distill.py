@@ -26,9 +26,12 @@ from typing import Literal
 
 import torch
 
+from fastpost.data.checks import objective_scheduler_config
+from fastpost.data.shards import read_empty_prompt
 from fastpost.distributed.fsdp import reshard_all
 from fastpost.noise import OdeGrid, even_edges, linear_quadratic_sigmas, make_grid, phase_edges  # noqa: F401
 from fastpost.recipes import Recipe, RecipeContext, Trainable
+from fastpost.recipes.finetune import CaptionDropout
 
 
 @dataclass
@@ -45,7 +48,10 @@ class DistillConfig:
     ema_decay: float = 0.95
     guidance_min: float = 1.0  # teacher CFG scale w ~ U[min, max] per batch; 1.0 = no guidance
     guidance_max: float = 1.0
-    negative_text_encoder: str | None = None  # encodes "" for the unconditional branch; None: zero embeddings
+    # the unconditional branch of the teacher's guidance is the encoding of "" (as CogVideoX / Mochi pipelines
+    # encode it), stored with the shards by preprocessing; a text encoder folder here re-encodes "" instead
+    negative_text_encoder: str | None = None
+    caption_dropout: float = 0.0  # probability a sample's caption is replaced by "" (student, teacher and target)
 
 
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
@@ -99,8 +105,13 @@ class Distill(Recipe):
             raise ValueError(f"need 1 <= guidance_min <= guidance_max, got {cfg.guidance_min}, {cfg.guidance_max}")
         spec = ctx.spec
         self.family = ctx.family
-        self.grid = make_grid(self.family, ctx.train_cfg.model.flavor, cfg.num_teacher_steps, cfg.schedule,
-                              cfg.lq_threshold, cfg.lq_linear_steps)
+        # the teacher's schedule: the checkpoint's own scheduler/ (a contradicting flavor raises), as finetuning
+        teacher_ckpt = cfg.teacher or spec.pretrained
+        self.grid = make_grid(self.family, None, cfg.num_teacher_steps, cfg.schedule, cfg.lq_threshold,
+                              cfg.lq_linear_steps, scheduler_config=objective_scheduler_config(
+                                  self.family, teacher_ckpt, ctx.train_cfg.model.flavor))
+        self.data_root = ctx.train_cfg.data.path if ctx.train_cfg is not None else None
+        self.dropout = CaptionDropout(cfg.caption_dropout, self.data_root)
         self.edges = phase_edges(cfg.num_teacher_steps, cfg.phases)
         # phase_end[i] = the edge that ends the phase containing grid point i
         self.phase_end = torch.tensor([int(self.edges[self.edges > i].min()) for i in range(cfg.num_teacher_steps)])
@@ -163,15 +174,23 @@ class Distill(Recipe):
                     p.copy_(live[n])
 
     def negative(self, embeds: torch.Tensor, mask: torch.Tensor):
-        """Unconditional embeddings for CFG: the text encoder's "" if configured, else zeros with an empty mask."""
+        """Unconditional embeddings for CFG: the encoding of "" that preprocessing stored with the shards (or that
+        negative_text_encoder gives), as the pipelines' negative prompt; broadcast over the batch."""
         if self._neg is None:
             if self.cfg.negative_text_encoder:
                 from fastpost.data.text import TextEncoder
 
                 enc = TextEncoder.from_pretrained(self.cfg.negative_text_encoder, family=self.family)
                 self._neg = enc.encode([""], embeds.shape[1])
+            elif self.data_root:
+                e, m = read_empty_prompt(self.data_root)
+                self._neg = (e[None], m[None])
             else:
-                self._neg = (torch.zeros_like(embeds[:1]), torch.zeros_like(mask[:1]))
+                raise ValueError("guidance needs the encoding of \"\": set data.path (shards from `fastpost "
+                                 "preprocess`) or recipe_args.negative_text_encoder")
+            if self._neg[0].shape[1:] != embeds.shape[1:]:
+                raise ValueError(f"the encoding of \"\" has shape {list(self._neg[0].shape[1:])}, the batch's prompts "
+                                 f"{list(embeds.shape[1:])}: they come from different text encoders or lengths")
         e, m = self._neg
         return e.to(embeds.device, embeds.dtype).expand_as(embeds), m.to(mask.device, mask.dtype).expand_as(mask)
 
@@ -183,6 +202,7 @@ class Distill(Recipe):
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
         n = torch.randint(0, cfg.num_teacher_steps, (bsz,), generator=generator)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand((), generator=generator).item()
+        embeds, mask = self.dropout(embeds, mask, generator)  # after the draws above: p = 0 changes none of them
         edge = self.phase_end[n]
         n_next = torch.minimum(n + cfg.skip_steps, edge)
         a, b = grid.coeffs(n, x0)

@@ -23,7 +23,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastpost.data.checks import objective_scheduler_config
+from fastpost.data.shards import read_empty_prompt
 from fastpost.recipes import Recipe, RecipeContext, Trainable
+
+
+class CaptionDropout:
+    """Replaces each sample's prompt by the encoding of "" with probability p, drawn from the batch generator (so
+    SP peers and resumed runs drop the same samples). The "" encoding is the one preprocessing stored next to the
+    shards (shards.EMPTY_PROMPT), read once at start-up so a folder without it fails before training."""
+
+    def __init__(self, p: float, data_root: str | None):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"recipe_args.caption_dropout must be a probability in [0, 1], got {p}")
+        self.p = p
+        self.empty = None
+        if p > 0:
+            if not data_root:
+                raise ValueError("recipe_args.caption_dropout needs data.path (the shards hold the encoding of \"\")")
+            self.empty = read_empty_prompt(data_root)
+
+    def __call__(self, embeds_BTD: torch.Tensor, mask_BT: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.empty is None:
+            return embeds_BTD, mask_BT
+        drop_B = (torch.rand(embeds_BTD.shape[0], generator=generator) < self.p).to(embeds_BTD.device)
+        empty_embeds, empty_mask = self.empty
+        if empty_embeds.shape != embeds_BTD.shape[1:]:
+            raise ValueError(f"the stored encoding of \"\" has shape {list(empty_embeds.shape)}, the batch's prompts "
+                             f"{list(embeds_BTD.shape[1:])}: they come from different preprocessing runs")
+        empty_embeds = empty_embeds.to(embeds_BTD.device, embeds_BTD.dtype)
+        empty_mask = empty_mask.to(mask_BT.device, mask_BT.dtype)
+        return (torch.where(drop_B[:, None, None], empty_embeds, embeds_BTD),
+                torch.where(drop_B[:, None], empty_mask, mask_BT))
 
 
 @dataclass
@@ -36,6 +68,9 @@ class FinetuneConfig:
     learned_weighting: bool = False  # EDM2 uncertainty weighting u(t), trained by a second optimizer
     weighting_lr: float = 1e-2
     weighting_channels: int = 128
+    # probability that a sample's caption is replaced by "" (its encoding is stored with the shards), so the
+    # model keeps an unconditional prediction for classifier-free guidance
+    caption_dropout: float = 0.0
 
 
 class LossWeighting(nn.Module):
@@ -66,12 +101,12 @@ class Finetune(Recipe):
         self.weighting = None
         if cfg.learned_weighting:
             self.weighting = ctx.build_module(LossWeighting(cfg.weighting_channels))
-        # the objective the checkpoint was trained with: its own scheduler/ config when it has one
-        spec = ctx.spec
-        pretrained = spec.pretrained if spec is not None else None
-        flavor = ctx.train_cfg.model.flavor if ctx.train_cfg is not None else None
-        self.noise = self.family.noise_schedule(
-            self.family.scheduler_config(pretrained, None if pretrained else flavor))
+        # the objective the checkpoint was trained with: its own scheduler/ config when it has one (a flavor that
+        # contradicts it raises)
+        self.noise = self.family.noise_schedule(objective_scheduler_config(
+            self.family, ctx.spec.pretrained if ctx.spec is not None else None,
+            ctx.train_cfg.model.flavor if ctx.train_cfg is not None else None))
+        self.dropout = CaptionDropout(cfg.caption_dropout, ctx.train_cfg.data.path if ctx.train_cfg else None)
 
     def trainables(self):
         out = {"model": Trainable(self.model)}
@@ -86,7 +121,9 @@ class Finetune(Recipe):
         t = self.noise.sample_times(x0.shape[0], generator, self.cfg).to(x0.device)
         x_t = self.noise.add_noise(x0, eps, t)
         timestep = self.noise.model_timestep(t)
-        pred = self.family.predict(self.model, x_t, timestep, batch["prompt_embeds"], batch["prompt_attention_mask"])
+        # drawn after the noise and times, so caption_dropout=0 leaves every earlier draw as it was
+        embeds, mask = self.dropout(batch["prompt_embeds"], batch["prompt_attention_mask"], generator)
+        pred = self.family.predict(self.model, x_t, timestep, embeds, mask)
         target = self.noise.target(x0, eps, t)
         c = timestep.float() / 1000  # the noise level in [0, 1]
         if self.weighting is None:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fastpost.config import ConfigError, load_config, to_dict
+from fastpost.data.checks import check_text_encoder_for_model, objective_scheduler_config
 from fastpost.distributed.fsdp import DTYPES
 from fastpost.distributed.parallel_dims import init_distributed
 from fastpost.models import get_family
@@ -48,8 +49,9 @@ from fastpost.sampling.writer import (PromptItem, Progress, SampleError, output_
 @dataclass
 class SampleModelConfig:
     family: str = "cogvideox"
-    flavor: str | None = "debug"  # model config without `pretrained`; and the family's scheduler config for it
-    #                               (null with `pretrained`: the pipeline dir's scheduler/scheduler_config.json)
+    # model config without `pretrained` (None: the family's default, its tiny "debug"); with `pretrained` leave it
+    # null: the pipeline dir's config.json and scheduler/scheduler_config.json are used, as diffusers does
+    flavor: str | None = None
     pretrained: str | None = None  # diffusers pipeline dir (transformer/, vae/, text_encoder/, tokenizer/) or
     #                                a bare transformer dir
     checkpoint: str | None = None  # fastpost training checkpoint: a step_XXXXXXXX dir, or its parent (newest)
@@ -206,6 +208,10 @@ class VideoSampler:
         self.steps = cfg.steps or self.facts.steps
         for module in cfg.imports:  # user plug-ins (e.g. a sampler registering itself)
             importlib.import_module(module)
+        # a flavor whose noise schedule contradicts the checkpoint's scheduler/ raises; a text encoder of
+        # another width fails here rather than inside the first forward
+        objective_scheduler_config(self.family, m.pretrained, m.flavor)
+        check_text_encoder_for_model(self.text_dir, model.config)
         self.scheduler_config = {**self.family.scheduler_config(m.pretrained, m.flavor), **cfg.scheduler_overrides}
         self.sampler_name = cfg.sampler or self.family.default_sampler(m.pretrained, m.flavor)
         build_sampler(self.sampler_name, cfg.sampler_args, self._sampler_ctx(0))  # fail now on a bad name / args
