@@ -32,7 +32,7 @@ def measure(root: Path, workers: list[int], args) -> list[list[str]]:
     data = root / "synth" / "metadata.jsonl"
     vae, te = build_tiny_vae(root / "vae", fam), build_tiny_text_encoder(root / "te")
     base = dict(data=str(data), vae=str(vae), text_encoder=str(te), resolutions=[(args.out, args.out)],
-                max_frames=args.frames, samples_per_shard=4)
+                max_frames=args.frames, samples_per_shard=4, max_text_length=16)
     base_dir, records, _ = pp.read_metadata(data)
     items = [(0, r) for r in records]
     decode = {w: float("inf") for w in workers}

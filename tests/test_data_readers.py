@@ -31,7 +31,7 @@ def env(tmp_path_factory):
            "vae": str(build_tiny_vae(root / "vae", COG)), "te": str(build_tiny_text_encoder(root / "te"))}
     env["data"]["jsonl"] = root / "synth" / "metadata.jsonl"
     env["base"] = dict(vae=env["vae"], text_encoder=env["te"], resolutions=[(32, 32)], samples_per_shard=2,
-                       max_frames=9, num_workers=0)
+                       max_frames=9, num_workers=0, max_text_length=16)
     env["ref"] = run(env, "ref", data=str(env["data"]["jsonl"]))
     return env
 
