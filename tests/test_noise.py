@@ -88,7 +88,8 @@ def _loss_as_written_before(family, batch, g, cfg):
 @pytest.mark.parametrize("name", ["mochi", "cogvideox"])
 def test_finetune_loss_is_bit_identical(name):
     family = dataclasses.replace(get_family(name), predict_fn=lambda model, x, t, e, m: 0.5 * x + 1e-3 * t.view(-1, 1, 1, 1, 1))
-    train_cfg = type("T", (), {"model": type("M", (), {"flavor": "debug"})()})()
+    train_cfg = type("T", (), {"model": type("M", (), {"flavor": "debug"})(),
+                               "data": type("D", (), {"path": None})()})()
     cfg = FinetuneConfig(flow_shift=2.0)
     recipe = Finetune(cfg, RecipeContext.for_model(family, None, train_cfg=train_cfg))
     batch = {"latents": torch.randn(SHAPE), "prompt_embeds": torch.randn(3, 4, 8), "prompt_attention_mask": None}
