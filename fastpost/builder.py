@@ -232,6 +232,14 @@ def read_config(pretrained: str | Path) -> dict:
     return {k: v for k, v in raw.items() if not k.startswith("_")}
 
 
+def model_config(family, spec: ModelSpec):
+    """The transformer config `spec` builds (the checkpoint's config.json, or the flavor's), with attribute access
+    like model.config, read without building anything."""
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict(read_config(spec.pretrained) if spec.pretrained is not None else family.config(spec.flavor))
+
+
 def construct(family, spec: ModelSpec) -> nn.Module:
     """Step 1 (+2): the module, on meta when weights will be loaded, seeded and real otherwise; LoRA injected."""
     dtype = DTYPES[spec.dtype]

@@ -1,13 +1,14 @@
 """The trainer: a fixed build order and a plain loop. No model- or recipe-specific branches live here.
 
 Build order (each step needs the ones before it):
-  1. process group (collective timeout, nccl + gloo on GPU) + ParallelDims (named meshes)
-  2. recipe: declares its models; each is made by the one model builder (meta init -> LoRA -> SP -> AC ->
+  1. process group (collective timeout, nccl + gloo on GPU) + ParallelDims (named meshes); the job guard
+  2. loader over latent shards (dp rank decides the samples; SP peers get the same ones), checked against the
+     model's config before any weight is read
+  3. recipe: declares its models; each is made by the one model builder (meta init -> LoRA -> SP -> AC ->
      FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
-  3. one optimizer + LR schedule per trainable module (the recipe may override optim keys per module)
-  4. EMA of the exported model's trainable weights
-  5. loader over latent shards (dp rank decides the samples; SP peers get the same ones)
-  6. checkpoint manager; resume restores 2-5 exactly, also at another world size or layout
+  4. one optimizer + LR schedule per trainable module (the recipe may override optim keys per module)
+  5. EMA of the exported model's trainable weights
+  6. checkpoint manager; resume restores 2-6 exactly, also at another world size or layout
 The step: for each phase the recipe names, grad_accum micro-batches of loss + backward, then per optimizer
 clip, a collective non-finite check (skip the update everywhere), step. Noise is keyed by the global batch index.
 """
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from fastpost.builder import ModelSpec, build_model
+from fastpost.builder import ModelSpec, build_model, model_config
 from fastpost.checkpoint import CheckpointConfig, CheckpointManager, resolve_resume
 from fastpost.cluster import EXIT_DIVERGED, ClusterConfig, JobGuard, JobStop
 from fastpost.config import from_dict, to_dict
@@ -171,8 +172,15 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         self.guard = JobGuard(cfg.cluster, self.out, self.rank, self.device)  # output lock, die with launcher, signals
-        # 2. recipe and its models (each through the one builder)
         self.family = get_family(cfg.model.family)
+        # 2. data, checked against the model's config before any weight is read: a mismatch (family, VAE,
+        # channels, text width / length / mask, frames) is one line in seconds, not after loading a 10B model
+        if not cfg.data.path:
+            raise ValueError("data.path is empty: point it at a latent shard folder written by `fastpost preprocess`")
+        self.loader = self.guard.checked(lambda: ShardLoader.from_config(cfg.data, self.dims))  # collective
+        check_shards_for_model(self.loader.dataset, self.family, model_config(self.family, cfg.model.spec()),
+                               pretrained_vae_config(cfg.model.pretrained))
+        # 3. recipe and its models (each through the one builder)
         recipe_cls = get_recipe(cfg.recipe)
         recipe_cfg = from_dict(recipe_cls.Config, cfg.recipe_args, where="recipe_args")
         ctx = RecipeContext(self.family, self.dims, cfg, build=self._build, spec=cfg.model.spec(cfg.lora),
@@ -181,7 +189,7 @@ class Trainer:
         self.trainables = self.recipe.trainables()
         self.model = self.recipe.export_model()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        # 3. one optimizer and LR schedule per trainable module
+        # 4. one optimizer and LR schedule per trainable module
         self.optimizers, self.schedulers, self.params = {}, {}, {}
         for name, t in self.trainables.items():
             o = from_dict(OptimConfig, {**to_dict(cfg.optim), **t.optim}, where=f"optim ({name})")
@@ -193,15 +201,8 @@ class Trainer:
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(o, cfg.steps))
         self._clip = {name: from_dict(OptimConfig, {**to_dict(cfg.optim), **t.optim}).grad_clip
                       for name, t in self.trainables.items()}
-        # 4. EMA
+        # 5. EMA
         self.ema = EMA(self.trainable, cfg.ema_decay) if cfg.ema_decay else None
-        # 5. data
-        if not cfg.data.path:
-            raise ValueError("data.path is empty: point it at a latent shard folder written by `fastpost preprocess`")
-        self.loader = self.guard.checked(lambda: ShardLoader.from_config(cfg.data, self.dims))  # collective
-        # the shards must fit the model (family, VAE, channels, text width / length / mask, frames): one line if not
-        check_shards_for_model(self.loader.dataset, self.family, getattr(self.model, "config", None),
-                               pretrained_vae_config(cfg.model.pretrained))
         # 6. checkpoints
         self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
