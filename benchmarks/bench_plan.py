@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`fastpost plan`'s predicted per-rank peak vs the peak measured in the trainer's real step, on CPU.
 
-    python benchmarks/bench_plan.py            # tiny + mid CogVideoX (full, LoRA), AC none/selective/full, world 1 and 2 (~3 min)
+    python benchmarks/bench_plan.py            # tiny + mid CogVideoX (full, LoRA), 3 AC modes, world 1 + 2 (~3 min)
     python benchmarks/bench_plan.py --quick    # tiny only, world 1
 
 Measured: fastpost.trainer.Trainer on synthetic latent shards; after one warm-up step (AdamW state exists), the
@@ -22,7 +22,7 @@ import _common  # noqa: F401  (sys.path for a fresh checkout)
 import torch
 from _common import machine_line, markdown_table
 
-from fastpost.config import from_dict, to_dict
+from fastpost.config import from_dict
 from fastpost.plan import LiveTensorBytes, model_config, plan_job, sequence, state_tensors, vae_config
 from fastpost.trainer import TrainConfig, Trainer
 from tests._harness import run_distributed, write_random_shards

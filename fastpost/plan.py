@@ -31,7 +31,6 @@ import re
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -300,22 +299,23 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
         or cfg.fsdp.cpu_offload
     on_gpu = 0.0 if cfg.fsdp.cpu_offload else 1.0
     parts: list[tuple[str, float]] = []
-    frozen = facts.total - facts.trainable
     parts.append((f"weights ({facts.total / 1e9:.2f}B params, {cfg.model.dtype}, /{shard})",
                   on_gpu * facts.total * store / shard))
     parts.append((f"AdamW moments ({facts.trainable / 1e6:.1f}M trainable, x2)",
                   on_gpu * facts.trainable * 2 * store / shard))
     extra_copies = int(bool(cfg.ema_decay))
-    distill = cfg.recipe == "distill"
     lora = cfg.lora.enabled
-    if distill:
+    frozen_models = 0
+    if cfg.recipe == "distill":
         args = cfg.recipe_args
         if args.get("target", "ema") == "ema":
             extra_copies += 1 if lora else 0
             if not lora:
+                frozen_models += 1
                 parts.append(("EMA target model (frozen copy)", on_gpu * facts.total * store / shard))
         own = args.get("teacher") in (None, cfg.model.pretrained)
         if not (lora and own):
+            frozen_models += 1
             parts.append(("teacher model (frozen)", on_gpu * facts.total * store / shard))
     if extra_copies:
         parts.append((f"EMA copies of the trainables (x{extra_copies})",
@@ -323,6 +323,9 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     if fsdp_on:
         parts.append((f"FSDP gathered: root + 2 blocks ({cfg.fsdp.param_dtype}) + 1 block grads",
                       facts.root * compute + 2 * facts.block * compute + facts.block_trainable * reduce))
+        if frozen_models:  # a frozen model runs its forward while the student's activations are held
+            parts.append(("FSDP gathered for the frozen models' forward: root + 2 blocks",
+                          facts.root * compute + 2 * facts.block * compute))
     # activations of one micro-batch
     video, text = sequence(family, config, vae_config(family, cfg), cfg.plan)
     batch = cfg.data.batch_size
@@ -332,7 +335,7 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     L = facts.blocks
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     attn_out = batch * (tokens_video + text) * inner * compute * (1 + (4 if sp > 1 else 0))
-    mode = cfg.ac.mode if cfg.ac.mode != "every_n" else "every_n"
+    mode = cfg.ac.mode
     if mode == "none":
         acts = L * block
     elif mode == "full":
@@ -348,8 +351,8 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     block_grads = facts.block_trainable * store / shard
     act_end = acts + outside + block_grads
     opt_end = grads + (grads if device == "cuda" else 2 * on_gpu * facts.largest_trainable * store / shard)
-    parts.append((f"max(activations {act_end / GIB:.2f}, grads + AdamW step {opt_end / GIB:.2f}) GiB: AC {cfg.ac.mode}, "
-                  f"{L} blocks, {batch}x({tokens_video:.0f} video/GPU + {text} text) tokens", max(act_end, opt_end)))
+    parts.append((f"max(activations {act_end / GIB:.2f}, grads + AdamW step {opt_end / GIB:.2f}) GiB: "
+                  f"AC {cfg.ac.mode}, {L} blocks, {batch}x({tokens_video:.0f} video/GPU + {text} text) tokens", max(act_end, opt_end)))
     budget = parse_bytes(cfg.plan.gpu_memory)
     layout = (f"{world} GPUs = dp_replicate {cfg.parallel.dp_replicate} x dp_shard {dp_shard} x sp {sp}; "
               f"FSDP over {shard} ranks; {video} video + {text} text tokens/sample at "

@@ -3,7 +3,8 @@ size on the meta device, has a parallel layout valid for its stated GPUs, heads 
 according to `fastpost plan`, and has a preprocessing job that writes the clips it was planned for.
 
 No weights are read: the real checkpoints are not on this machine, so `fastpost plan` sizes the model from the
-family's flavor named in the job's `plan:` section (the transformer class on the meta device + the job's LoRA). ~8 s on 2 cores (one narrow probe block per distinct model, cached).
+family's flavor named in the job's `plan:` section (the transformer class on the meta device + the job's LoRA).
+~8 s on 2 cores (one narrow probe block per distinct model, cached).
 """
 
 from __future__ import annotations
