@@ -276,7 +276,7 @@ def _layout(cfg, world: int) -> tuple[int, int, int]:
     fixed = par.dp_replicate * sp
     if world % fixed:
         raise ValueError(f"parallel: dp_replicate x ulysses x ring = {fixed} does not divide the {world} GPUs of "
-                         f"plan.gpus; choose degrees whose product divides it")
+                         f"plan.gpus (or --gpus); choose degrees whose product divides it")
     dp_shard = world // fixed if par.dp_shard == -1 else par.dp_shard
     if dp_shard * fixed != world:
         raise ValueError(f"parallel: dp_replicate x dp_shard x ulysses x ring = {dp_shard * fixed} != {world} GPUs")
