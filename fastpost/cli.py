@@ -228,6 +228,12 @@ def _toy_train(argv: list[str]) -> None:
     main(argv)
 
 
+def _plan(argv: list[str]) -> None:
+    from fastpost.plan import main
+
+    main(argv)
+
+
 def _demo(argv: list[str]) -> None:
     from fastpost.demo import main
 
@@ -239,6 +245,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "preprocess": (_preprocess, "encode captioned videos/images into latent + text-embedding shards"),
     "train": (_train, "train from a job file: LoRA or full finetune, distillation (FSDP2 + Ulysses)"),
     "sample": (_sample, "sample videos from a pipeline, a LoRA or a training checkpoint (Ulysses, CFG parallel)"),
+    "plan": (_plan, "predict a train job's per-GPU memory (weights, optimizer, activations) and what makes it fit"),
     "config": (_config, "`config show --config JOB`: print the fully resolved job (defaults + overrides) as YAML"),
     "demo": (_demo, "end-to-end CPU demo on tiny models: data -> sp=2 LoRA train -> sample -> plots (~2 min)"),
     "toy-train": (_toy_train, "smoke-train the toy DiT under FSDP2 x Ulysses (parallel-core check)"),

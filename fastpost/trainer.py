@@ -38,6 +38,7 @@ from fastpost.export import COMFY_LORA_FILE, export_lora, save_comfy_lora, save_
 from fastpost.lora import LoRAConfig
 from fastpost.metrics import MetricsLogger, clip_grad_norm, peak_memory_mib
 from fastpost.models import get_family
+from fastpost.plan import PlanConfig
 from fastpost.recipes import RecipeContext, get_recipe
 
 
@@ -110,6 +111,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # `fastpost plan`: target GPUs and clip size
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
