@@ -114,3 +114,11 @@ def test_layering_and_no_family_tables_outside_models():
             keys = node.keys if isinstance(node, ast.Dict) else node.comparators if isinstance(node, ast.Compare) else []
             names = [k.value for k in keys if isinstance(k, ast.Constant) and k.value in families]
             assert not names, f"{rel}:{node.lineno} keys or branches on the family {names}: read it from the family"
+
+
+def test_training_fps_follows_the_model_version():
+    """preprocess target_fps=family: CogVideoX 1.0 was trained at 8 fps, 1.5 (patch_size_t) at 16, Mochi at 30."""
+    cog = get_family("cogvideox")
+    assert cog.training_fps(cog.config("debug")) == 8 and cog.training_fps(cog.config("1.5-5b")) == 16
+    assert cog.training_fps(None) == 8
+    assert get_family("mochi").training_fps(None) == 30

@@ -56,8 +56,8 @@ class PreprocessConfig:
     resolutions: list[tuple[int, int]] = field(default_factory=lambda: [(64, 64)])  # (height, width) buckets
     max_frames: int = 25  # upper bound; the count used is the largest VAE-valid one (4k+1 / 6k+1) that fits
     frame_stride: int = 1  # take every n-th source frame
-    # resample to this frame rate (nearest earlier source frame); "family": the fps of the family's pipeline
-    # (CogVideoX 8, Mochi 30; CogVideoX 1.5 was trained at 16: set 16); None: keep every (strided) frame
+    # resample to this frame rate (nearest earlier source frame); "family": the fps the model was trained at
+    # (CogVideoX 8, CogVideoX 1.5 16 (from the transformer config), Mochi 30); None: keep every (strided) frame
     target_fps: float | Literal["family"] | None = None
     # the reader of `data` (fastpost.data.readers); "auto": from the file's extension or the folder's contents
     data_format: Literal["auto", "jsonl", "fastvideo_json", "txt_pairs", "csv", "webdataset"] = "auto"
@@ -389,7 +389,8 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     if family.vae is None:
         raise ConfigError(f"model family {family.name!r} has no VAE of its own: preprocess with the family whose "
                           f"VAE made its latents")
-    target_fps = float(family.pipeline_facts.fps) if cfg.target_fps == "family" else cfg.target_fps
+    target_fps = float(family.training_fps(transformer_config(cfg))) if cfg.target_fps == "family" \
+        else cfg.target_fps
     # The compute dtype only sets how the VAE / encoder run; outputs are cast at storage time (`dtype`).
     compute = _resolve_dtype(cfg.compute_dtype, device)
     vae = load_vae(cfg.vae, device=device, dtype=compute, spec=family.vae, allow_pickle=cfg.allow_pickle)

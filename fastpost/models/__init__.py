@@ -100,6 +100,9 @@ class ModelFamily:
     # regex renames (pattern, replacement) from diffusers module names to ComfyUI's native ones, for the
     # ComfyUI LoRA export; () keeps diffusers' names (ComfyUI families that load diffusers-named weights)
     comfy_names: tuple[tuple[str, str], ...] = ()
+    # (transformer config mapping or None) -> the frame rate the model was trained at, where it differs by
+    # version (CogVideoX 1.0: 8, 1.5: 16); None: the pipeline's fps
+    training_fps_fn: Callable[[Any], int] | None = None
     default_flavor: str = "debug"
     blocks_attr: str = "transformer_blocks"
     notes: Mapping[str, Any] = field(default_factory=dict)  # free-form facts for people (not read by code)
@@ -136,6 +139,12 @@ class ModelFamily:
         else:
             subfolder = "transformer"  # a hub id names a whole pipeline
         return self.diffusers_class.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=dtype)
+
+    def training_fps(self, config: Any = None) -> int:
+        """The frame rate the model was trained at (preprocessing's target_fps: family)."""
+        if self.training_fps_fn is not None:
+            return int(self.training_fps_fn(config))
+        return int(self.pipeline_facts.fps)
 
     def comfy_name(self, module: str) -> str:
         """ComfyUI's name for a diffusers module path (see comfy_names)."""

@@ -221,5 +221,7 @@ FAMILY = ModelFamily(
     scheduler_samplers={"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"},
     lora_targets=LORA_TARGETS,
     comfy_names=COMFY_NAMES,
+    # CogVideoX 1.0 was trained at 8 fps, 1.5 (the configs with patch_size_t) at 16
+    training_fps_fn=lambda config: 16 if config is not None and dict(config).get("patch_size_t") else 8,
     notes=dict(text_encoder="t5-v1_1-xxl", latent_layout="BCFHW (transformer: BFCHW)"),
 )
