@@ -164,8 +164,8 @@ class _Reader:
         return f.shape(key) if isinstance(f, _SafetensorsFile) else tuple(f[key].shape)
 
     def read(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
-        return self._handle(self.files[key]).read(key, index) if self.files[key].suffix == ".safetensors" \
-            else self._handle(self.files[key])[key][index]
+        f = self._handle(self.files[key])
+        return f.read(key, index) if isinstance(f, _SafetensorsFile) else f[key][index]
 
 
 def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:

@@ -192,7 +192,7 @@ class Trainer:
         self.model = self.recipe.export_model()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         # 4. one optimizer and LR schedule per trainable module
-        self.optimizers, self.schedulers, self.params = {}, {}, {}
+        self.optimizers, self.schedulers, self.params, self._clip = {}, {}, {}, {}
         for name, t in self.trainables.items():
             o = from_dict(OptimConfig, {**to_dict(cfg.optim), **t.optim}, where=f"optim ({name})")
             self.params[name] = list(t.parameters().values())
@@ -201,8 +201,7 @@ class Trainer:
             self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=o.lr, betas=o.betas, eps=o.eps,
                                                       weight_decay=o.weight_decay)
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(o, cfg.steps))
-        self._clip = {name: from_dict(OptimConfig, {**to_dict(cfg.optim), **t.optim}).grad_clip
-                      for name, t in self.trainables.items()}
+            self._clip[name] = o.grad_clip
         # 5. EMA
         self.ema = EMA(self.trainable, cfg.ema_decay) if cfg.ema_decay else None
         # 6. checkpoints

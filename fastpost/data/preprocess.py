@@ -389,8 +389,8 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     if family.vae is None:
         raise ConfigError(f"model family {family.name!r} has no VAE of its own: preprocess with the family whose "
                           f"VAE made its latents")
-    target_fps = float(family.training_fps(transformer_config(cfg))) if cfg.target_fps == "family" \
-        else cfg.target_fps
+    config = transformer_config(cfg)  # read once: fps, text length and frame padding all come from it
+    target_fps = float(family.training_fps(config)) if cfg.target_fps == "family" else cfg.target_fps
     # The compute dtype only sets how the VAE / encoder run; outputs are cast at storage time (`dtype`).
     compute = _resolve_dtype(cfg.compute_dtype, device)
     vae = load_vae(cfg.vae, device=device, dtype=compute, spec=family.vae, allow_pickle=cfg.allow_pickle)
@@ -401,7 +401,6 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     text = TextEncoder.from_pretrained(cfg.text_encoder, family=family, pass_mask=cfg.text_encoder_pass_mask,
                                        allow_pickle=cfg.allow_pickle, device=device, dtype=compute)
     multiple = family.vae.frame_multiple(vae)
-    config = transformer_config(cfg)
     length = text_length(cfg, family, config)
     patch_t = family.patch_sizes(config)[0] if config is not None else 1
     header = _header(cfg, family, vae, text, length, patch_t)
