@@ -64,10 +64,15 @@ class TextSpec:
     pass_mask: bool = True  # the encoder sees the attention mask (CogVideoX: no, padding attends to everything)
     zero_padding: bool = False  # embeddings at padding positions are zeroed after encoding (Wan trims + pads)
     mask_used: bool = True  # the transformer attends only to valid tokens (CogVideoX attends to all)
+    # the prompt length when the transformer config has no max_length_key (Wan: the pipeline's fixed 512)
+    default_max_length: int | None = None
+    # the pipeline's prompt cleaning before tokenising (Wan: ftfy + html unescape + whitespace), None: verbatim
+    prompt_clean: Callable[[str], str] | None = None
 
     def max_length(self, transformer_config: Any) -> int | None:
         cfg = transformer_config
-        return cfg.get(self.max_length_key) if isinstance(cfg, Mapping) else getattr(cfg, self.max_length_key, None)
+        value = cfg.get(self.max_length_key) if isinstance(cfg, Mapping) else getattr(cfg, self.max_length_key, None)
+        return value if value is not None else self.default_max_length
 
 
 # ---- VAE helpers (generic over diffusers AutoencoderKL* classes) ----------------------------------------------------
