@@ -28,6 +28,7 @@ class VaeSpec:
     class_name: str  # e.g. "AutoencoderKLCogVideoX"
     factors_fn: Callable[[Mapping], tuple[int, int]]  # VAE config -> (spatial, temporal) compression
     debug_config: Mapping[str, Any] = field(default_factory=dict)  # kwargs of a tiny random VAE (tests, demo)
+    channels_key: str = "latent_channels"  # the VAE config key of its latent channels (AutoencoderKLWan: z_dim)
 
     def check(self, vae_or_config: Any) -> Mapping:
         cfg = _config_dict(vae_or_config)
@@ -39,6 +40,9 @@ class VaeSpec:
     def factors(self, vae_or_config: Any) -> tuple[int, int]:
         """(spatial, temporal) compression; valid pixel frame counts are temporal * k + 1."""
         return self.factors_fn(self.check(vae_or_config))
+
+    def latent_channels(self, vae_or_config: Any) -> int | None:
+        return _config_dict(vae_or_config).get(self.channels_key)
 
     def frame_multiple(self, vae_or_config: Any) -> int:
         return self.factors(vae_or_config)[1]

@@ -162,10 +162,11 @@ def vae_factors(vae_config) -> tuple[int, int]:
     return int(vae_config.get("scale_factor_spatial") or 8), int(vae_config.get("scale_factor_temporal") or 4)
 
 
-# z_dim 4 with 4-entry latents_mean/std (the pipeline reshapes them to z_dim channels)
+# z_dim 4 with 4-entry latents_mean/std (the pipeline reshapes them to z_dim channels); lists, not tuples: the
+# Wan VAE concatenates [1] + dim_mult
 VAE = VaeSpec("AutoencoderKLWan", vae_factors, debug_config=dict(
-    base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1, temperal_downsample=(False, True, True),
-    latents_mean=[0.1, -0.2, 0.3, 0.05], latents_std=[1.5, 0.8, 2.0, 1.2]))
+    base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+    latents_mean=[0.1, -0.2, 0.3, 0.05], latents_std=[1.5, 0.8, 2.0, 1.2]), channels_key="z_dim")
 # WanPipeline._get_t5_prompt_embeds: prompts cleaned (ftfy, html, whitespace), UMT5 run WITH the mask, each prompt
 # trimmed to its tokens and zero-padded to 512 (max_sequence_length), and the transformer attends to all 512
 TEXT = TextSpec("UMT5EncoderModel", max_length_key="text_max_length", pass_mask=True, zero_padding=True,
