@@ -142,3 +142,36 @@ def _losses(out):
         return read_losses(out)
     except (FileNotFoundError, ValueError):  # not written yet, or a line being written
         return {}
+
+
+def test_one_expert_per_job_of_a_two_expert_pipeline(shards, tmp_path):
+    """Wan 2.2 A14B layout: model.expert picks transformer/ (high_noise) or transformer_2/ (low_noise) and the
+    finetune times lie in that expert's noise levels (sigma >= boundary_ratio, or below it)."""
+    from diffusers import WanPipeline
+
+    from fastpost.builder import BuildError
+    from fastpost.tiny import build_tiny_pipeline
+    from tests._parity import make_model
+
+    single = WanPipeline.from_pretrained(build_tiny_pipeline(tmp_path / "pipe", "wan", "debug"))
+    pipe = tmp_path / "a14b"
+    WanPipeline(tokenizer=single.tokenizer, text_encoder=single.text_encoder, vae=single.vae,
+                scheduler=single.scheduler, transformer=single.transformer,
+                transformer_2=make_model(FAMILY, "debug", seed=1), boundary_ratio=0.875).save_pretrained(pipe)
+    model = {"family": "wan", "flavor": None, "pretrained": str(pipe)}
+    # lr 0: the exported weights are the expert the job loaded
+    jobs = {e: job(tmp_path / e, shards, steps=4, model={**model, "expert": e}, optim={"lr": 0.0, "warmup_steps": 0},
+                   recipe_args={"timestep_sampling": "uniform"}) for e in ("high_noise", "low_noise")}
+    run_distributed(_fit_all, 1, list(jobs.values()))
+    for expert, sub, inside in (("high_noise", "transformer", lambda c: c >= 0.875),
+                                ("low_noise", "transformer_2", lambda c: c < 0.875)):
+        exported = FAMILY.diffusers_class.from_pretrained(tmp_path / expert / "transformer").state_dict()
+        source = FAMILY.diffusers_class.from_pretrained(pipe / sub).state_dict()
+        assert all(torch.equal(exported[k], source[k]) for k in source), expert
+        import json
+
+        times = [json.loads(line)["t_mean"] for line in (tmp_path / expert / "metrics.jsonl").read_text().splitlines()
+                 if "t_mean" in line]
+        assert len(times) == 4 and all(inside(c) for c in times), (expert, times)
+    with pytest.raises(BuildError, match="set model.expert to high_noise or low_noise"):
+        Trainer(from_dict(TrainConfig, job(tmp_path / "none", shards, model=model)))
