@@ -318,7 +318,9 @@ class VideoSampler:
         it, g, cfg = self.items[index], self.geometry, self.cfg
         return {
             "prompt": it.prompt, "negative_prompt": it.negative_prompt, "seed": it.seed, "steps": self.steps,
-            "guidance_scale": self.guidance, "dynamic_cfg": cfg.dynamic_cfg, "sampler": self.sampler_name,
+            "guidance_scale": self.guidance,
+            "guidance_scale_2": self.low_noise.guidance if self.low_noise is not None else None,
+            "dynamic_cfg": cfg.dynamic_cfg, "sampler": self.sampler_name,
             "sampler_args": cfg.sampler_args, "scheduler_config": self.scheduler_config,
             "model": {**to_dict(cfg.model), "checkpoint_resolved": str(self.checkpoint) if self.checkpoint else None},
             "lora": cfg.model.lora, "height": g.height, "width": g.width, "num_frames": g.num_frames,
