@@ -64,6 +64,9 @@ class SampleModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # transformer, text encoder, VAE
     allow_pickle: bool = False  # accept pickled .bin weights in model folders (they can run code when loaded)
     attention_backend: str = "auto"
+    # two-expert pipelines (Wan 2.2 A14B): the expert `checkpoint` / `lora` were trained for (a training job's
+    # model.expert): high_noise (transformer/) or low_noise (transformer_2/)
+    expert: Literal["high_noise", "low_noise"] | None = None
 
 
 @dataclass
@@ -219,9 +222,10 @@ class VideoSampler:
 
         # 3. trained weights, 4. sequence parallel
         self.checkpoint = resolve_checkpoint(m.checkpoint) if m.checkpoint else None
-        apply_trained_weights(self.family, model, m, self.checkpoint)
         self.model = model
         self.low_noise = self._low_noise_expert(spec)
+        trained = self.low_noise.model if self.low_noise is not None and m.expert == "low_noise" else model
+        apply_trained_weights(self.family, trained, m, self.checkpoint)
 
         # 5. prompt embeddings, identical everywhere
         negatives = [it.negative_prompt for it in self.items] if self.guidance > 1 else None
@@ -245,11 +249,13 @@ class VideoSampler:
         except BuildError as e:
             raise SampleError(str(e)) from None
         if ratio is None:
+            if m.expert is not None:
+                raise SampleError(f"model.expert={m.expert!r} needs a two-expert pipeline folder (model_index.json "
+                                  f"with transformer_2 and boundary_ratio); {m.pretrained} is not")
             return None
-        if m.checkpoint or m.lora:
-            raise SampleError(f"{m.pretrained} holds two experts (transformer, transformer_2); model.checkpoint and "
-                              f"model.lora apply to one model: export the trained expert into a copy of the pipeline "
-                              f"folder (fastpost.export.save_pipeline) and sample that")
+        if (m.checkpoint or m.lora) and m.expert is None:
+            raise SampleError(f"{m.pretrained} holds two experts (transformer/ high noise, transformer_2/ low noise): "
+                              f"set model.expert to the one model.checkpoint / model.lora was trained for")
         try:
             model_2, _ = build_model(self.family, spec.with_(pretrained=str(Path(m.pretrained) / "transformer_2")),
                                      self.dims, attention_backend=m.attention_backend, shard=False,
