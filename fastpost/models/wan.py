@@ -201,6 +201,8 @@ FAMILY = ModelFamily(
     lora_targets=LORA_TARGETS,
     comfy_names=COMFY_NAMES,
     blocks_attr="blocks",
+    # Wan 2.1 and 2.2 A14B were trained at 16 fps, 2.2 TI2V-5B (48 latent channels: the 2.2 VAE) at 24
+    training_fps_fn=lambda config: 24 if config is not None and dict(config).get("in_channels") == 48 else 16,
     notes=dict(text_encoder="umt5-xxl", latent_layout="BCFHW", boundary_ratios=BOUNDARY_RATIOS,
                model_convention="timestep 1000 * sigma, predicts noise - x0 (fastpost's own)"),
 )
