@@ -99,7 +99,8 @@ def test_family_api_and_real_configs():
         c = FAMILY.config(flavor)
         assert (c["num_attention_heads"], c["num_layers"], c["num_attention_heads"] * c["attention_head_dim"],
                 c["in_channels"]) == sizes, flavor
-    assert FAMILY.training_fps(FAMILY.config("t2v-14b")) == 16 and FAMILY.training_fps(FAMILY.config("2.2-ti2v-5b")) == 24
+    assert FAMILY.training_fps(FAMILY.config("t2v-14b")) == 16
+    assert FAMILY.training_fps(FAMILY.config("2.2-ti2v-5b")) == 24
     sched = FAMILY.make_scheduler("2.2-ti2v-5b")
     assert type(sched).__name__ == "UniPCMultistepScheduler" and sched.config.flow_shift == 5.0
     with pytest.raises(ValueError, match=r"multiples of the patch size"):

@@ -81,7 +81,8 @@ def _check_lora_exports(run_dir, tmp_path):
 
     pipe_dir = build_tiny_pipeline(tmp_path / "pipe", "wan", "debug", seed=0)  # base = the flavor at init_seed 0
     g = torch.Generator().manual_seed(7)
-    x, emb, t = torch.randn(1, *LATENT, generator=g), torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g), torch.tensor([500])
+    x, emb = torch.randn(1, *LATENT, generator=g), torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)
+    t = torch.tensor([500])
     outs = {}
     for name, kwargs in (("base", None), ("diffusers", {}), ("comfyui", {"weight_name": COMFY_LORA_FILE})):
         pipe = WanPipeline.from_pretrained(pipe_dir)

@@ -159,8 +159,9 @@ def resolve_geometry(cfg: SampleConfig, family, model_config, vae_config: dict) 
         lo = max(0, (f - 1) // temporal) * temporal + 1
         raise SampleError(f"num_frames={f} is not valid for the {vae_config['_class_name']} VAE: it needs "
                           f"{temporal}k+1 frames (e.g. {lo} or {lo + temporal})")
-    if family.vae.latent_channels(vae_config) != model_config.in_channels:
-        raise SampleError(f"the VAE has {family.vae.latent_channels(vae_config)} latent channels but the transformer takes "
+    latent_channels = family.vae.latent_channels(vae_config)
+    if latent_channels != model_config.in_channels:
+        raise SampleError(f"the VAE has {latent_channels} latent channels but the transformer takes "
                           f"{model_config.in_channels}: model.vae does not belong to this model")
     latent_frames = (f - 1) // temporal + 1
     pad = (pt - latent_frames % pt) % pt
