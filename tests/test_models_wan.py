@@ -101,6 +101,9 @@ def test_family_api_and_real_configs():
                 c["in_channels"]) == sizes, flavor
     assert FAMILY.training_fps(FAMILY.config("t2v-14b")) == 16
     assert FAMILY.training_fps(FAMILY.config("2.2-ti2v-5b")) == 24
+    # the VAE factors come from its config: Wan 2.1 8x spatial, the 2.2 TI2V VAE (48 channels) 16x; 4x temporal
+    vae22 = {"_class_name": "AutoencoderKLWan", "z_dim": 48, "scale_factor_spatial": 16, "scale_factor_temporal": 4}
+    assert FAMILY.vae_factors(vae22) == (16, 4) and FAMILY.vae.latent_channels(vae22) == 48
     sched = FAMILY.make_scheduler("2.2-ti2v-5b")
     assert type(sched).__name__ == "UniPCMultistepScheduler" and sched.config.flow_shift == 5.0
     with pytest.raises(ValueError, match=r"multiples of the patch size"):
