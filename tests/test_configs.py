@@ -22,7 +22,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FILES = sorted(CONFIGS.rglob("*.yaml"))
 TRAIN_JOBS = [f for f in FILES if "plan" in load_yaml(f)]  # the real jobs state their hardware in plan:
 EXPECTED = {"cogvideox/lora_2b.yaml", "cogvideox/lora_5b.yaml", "cogvideox/full_5b.yaml",
-            "cogvideox/distill_5b.yaml", "cogvideox/lora_1.5_5b.yaml", "mochi/lora.yaml", "mochi/distill.yaml"}
+            "cogvideox/distill_5b.yaml", "cogvideox/lora_1.5_5b.yaml", "mochi/lora.yaml", "mochi/distill.yaml",
+            "cogvideox/i2v_5b_lora.yaml"}
 
 
 def _name(path: Path) -> str:

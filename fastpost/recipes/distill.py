@@ -66,11 +66,11 @@ def guided_prediction(family, model, grid: OdeGrid, x, idx, embeds, mask, w: flo
     cond: image-to-video conditioning, the same for both guidance branches (as the I2V pipelines)."""
     t = grid.model_t[idx].to(x.device, torch.float32 if grid.prediction_type == "flow_matching" else torch.int64)
     if w == 1.0:
-        return family.predict(model, x.float(), t, embeds, mask, cond=cond).double()
+        return family.predict(model, x.float(), t, embeds, mask, **({"cond": cond} if cond else {})).double()
     neg_embeds, neg_mask = neg
-    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()} if cond else cond
+    cond2 = {"cond": {k: torch.cat([v, v]) for k, v in cond.items()}} if cond else {}
     out = family.predict(model, torch.cat([x, x]).float(), torch.cat([t, t]), torch.cat([neg_embeds, embeds]),
-                         torch.cat([neg_mask, mask]), cond=cond2)
+                         torch.cat([neg_mask, mask]), **cond2)
     out_uncond, out_cond = out.double().chunk(2)
     return out_uncond + w * (out_cond - out_uncond)
 

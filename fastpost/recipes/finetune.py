@@ -145,7 +145,7 @@ class Finetune(Recipe):
         embeds, mask = self.dropout(batch["prompt_embeds"], batch["prompt_attention_mask"], generator)
         # image-to-video: the first frame's conditioning (empty for text-to-video shards)
         cond = drop_conditioning(conditioning(batch, x0.device), self.cfg.image_dropout, generator)
-        pred = self.family.predict(self.model, x_t, timestep, embeds, mask, cond=cond)
+        pred = self.family.predict(self.model, x_t, timestep, embeds, mask, **({"cond": cond} if cond else {}))
         target = self.noise.target(x0, eps, t)
         c = timestep.float() / 1000  # the noise level in [0, 1]
         if self.weighting is None:

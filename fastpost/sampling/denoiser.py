@@ -46,8 +46,8 @@ class Denoiser:
         x = self.to_bcfhw(latents).to(self.dtype)
         if image_cond:  # the same image for every row (both CFG halves, as the I2V pipelines)
             image_cond = {k: v.to(self.dtype).expand(x.shape[0], *v.shape[1:]) for k, v in image_cond.items()}
-        return self.to_bcfhw(self.family.predict(self.model, x, t.expand(x.shape[0]), embeds, mask,
-                                                 cond=image_cond).float())
+        kw = {"cond": image_cond} if image_cond else {}  # text-to-video families keep their 5-argument predict
+        return self.to_bcfhw(self.family.predict(self.model, x, t.expand(x.shape[0]), embeds, mask, **kw).float())
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond, uncond,
                  image_cond: dict | None = None) -> torch.Tensor:
