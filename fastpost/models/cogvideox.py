@@ -174,7 +174,7 @@ def encode_image(vae, image_B3HW: torch.Tensor, num_frames: int, generator: torc
     dist = vae.encode(image_B3HW[:, :, None].to(device=p.device, dtype=p.dtype)).latent_dist
     z = (dist.mean if generator is None else dist.sample(generator)).float()
     scale = vae.config.scaling_factor
-    z = z / scale if getattr(vae.config, "invert_scale_latents", False) else z * scale
+    z = (1 / scale) * z if getattr(vae.config, "invert_scale_latents", False) else scale * z  # the pipeline's rounding
     return {"image_latents": z}
 
 
