@@ -135,7 +135,7 @@ def sequence(family, config: dict, vae: dict, plan: PlanConfig) -> tuple[int, in
     latent_frames = (plan.frames - 1) // temporal + 1
     p_t, p_h, p_w = family.patch_sizes(config)
     video = math.ceil(latent_frames / p_t) * (plan.height // spatial // p_h) * (plan.width // spatial // p_w)
-    text = int(config.get(family.text.max_length_key) or 0) if family.text is not None else 0
+    text = int(family.text.max_length(config) or 0) if family.text is not None else 0
     return video, text
 
 

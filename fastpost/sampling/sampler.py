@@ -158,9 +158,9 @@ def resolve_geometry(cfg: SampleConfig, family, model_config, vae_config: dict) 
         raise SampleError(f"num_frames={f} is not valid for the {vae_config['_class_name']} VAE: it needs "
                           f"{temporal}k+1 frames (e.g. {lo} or {lo + temporal})")
     channels = family.latent_channels(model_config)  # an I2V transformer's in_channels also count the image's
-    if vae_config.get("latent_channels") != channels:
-        raise SampleError(f"the VAE has {vae_config.get('latent_channels')} latent channels but the transformer takes "
-                          f"{channels}: model.vae does not belong to this model")
+    if family.vae.latent_channels(vae_config) != channels:
+        raise SampleError(f"the VAE has {family.vae.latent_channels(vae_config)} latent channels but the transformer "
+                          f"takes {channels}: model.vae does not belong to this model")
     latent_frames = (f - 1) // temporal + 1
     pad = (pt - latent_frames % pt) % pt
     shape = (1, channels, latent_frames + pad, h // spatial, w // spatial)
