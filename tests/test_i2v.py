@@ -205,3 +205,63 @@ def test_full_finetune_and_pcm_distill_run_on_i2v_shards(env, shards, tmp_path):
     pcm = _train(env, shards, tmp_path / "pcm", steps=2, recipe="distill", lora={"enabled": True, "rank": 4},
                  recipe_args={"num_teacher_steps": 8, "phases": 2, "guidance_min": 1.0, "guidance_max": 3.0})
     assert len(_losses(pcm)) == 2 and all(np.isfinite(_losses(pcm)))
+
+
+# ---- Wan 2.1 I2V ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wan_pipe(env):
+    """A tiny WanImageToVideoPipeline: UMT5 + Wan VAE + UniPC from the tiny Wan pipeline, the perturbed debug-i2v
+    transformer (CLIP tokens of width image_dim 16, 12 = 4 noise + 4 mask + 4 image channels), a tiny CLIP."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from fastpost.tiny import build_tiny_pipeline
+
+    wan = get_family("wan")
+    t2v = WanPipeline.from_pretrained(build_tiny_pipeline(env["root"] / "wan_t2v", "wan", "debug"))
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                   scheduler=t2v.scheduler, transformer=make_model(wan, "debug-i2v", seed=0),
+                                   image_encoder=clip, image_processor=processor)
+    out = env["root"] / "wan_i2v"
+    pipe.save_pretrained(out)
+    return out
+
+
+def test_wan_i2v_world1_sampling_equals_wan_image_to_video_pipeline(env, wan_pipe):
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.utils import load_image
+
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(image=load_image(str(env["image"])), prompt=PROMPT, negative_prompt=NEGATIVE, height=48, width=80,
+               num_frames=9, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+               generator=torch.Generator().manual_seed(3)).frames
+    # cfg_batched=false: cond and uncond as two batch-1 calls, as WanImageToVideoPipeline makes them
+    ours = VideoSampler(SampleConfig(
+        prompt=PROMPT, negative_prompt=NEGATIVE, image=str(env["image"]), height=48, width=80, num_frames=9,
+        steps=3, guidance_scale=5.0, seed=3, progress_bar=False, cfg_batched=False,
+        model=SampleModelConfig(family="wan", pretrained=str(wan_pipe)))).generate(0)
+    assert ours.shape == ref.shape == (1, 4, 3, 6, 10)
+    err, scale = (ours - ref).abs().max().item(), max(1.0, ref.abs().max().item())
+    assert err <= TOL * scale, f"Wan I2V: max latent error {err:.2e} (|latents| {scale:.1f}) vs the pipeline"
+
+
+def test_wan_i2v_shards_carry_latents_and_clip_embeddings(env, shards, wan_pipe, tmp_path):  # shards: the clips
+    from fastpost.builder import read_config
+    from fastpost.data import preprocess as pp
+    from fastpost.data.checks import check_shards_for_model
+    from fastpost.data.shards import ShardDataset
+
+    wan = get_family("wan")
+    cfg = dict(data=str(env["root"] / "synth" / "metadata.jsonl"), output_dir=str(tmp_path / "shards"),
+               vae=str(wan_pipe), text_encoder=str(wan_pipe), resolutions=[(48, 80)], max_frames=9, limit=1)
+    pp.preprocess(from_dict(pp.PreprocessConfig, cfg), wan)
+    ds = ShardDataset(tmp_path / "shards")
+    assert ds.header["conditioning"]["fields"] == ["image_latents", "image_embeds"]
+    s = ds[0]
+    assert s["image_latents"].shape == s["latents"].shape == (4, 3, 6, 10) and s["image_embeds"].shape == (17, 16)
+    check_shards_for_model(ds, wan, read_config(wan_pipe))

@@ -80,6 +80,9 @@ class PreprocessConfig:
     # otherwise encodes a whole clip at once), off on CPU so the tiny test VAEs encode exactly
     vae_tiling: bool | Literal["auto"] = "auto"
     text_encoder_pass_mask: bool | None = None  # None: what the family's diffusers pipeline does
+    # image-to-video models with an image encoder (Wan 2.1 I2V's CLIP): a pipeline folder with image_encoder/ and
+    # image_processor/; None: the `vae` folder
+    image_encoder: str | None = None
     allow_pickle: bool = False  # accept pickled .bin weights for the VAE / text encoder (they can run code)
     limit: int | None = None  # only the first N input rows (smoke runs)
 
@@ -340,7 +343,8 @@ def image_noise_generator(source: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def encode_image_condition(vae: Any, image: Any, pixels_CFHW: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
+def encode_image_condition(vae: Any, image: Any, pixels_CFHW: torch.Tensor, source: str,
+                           embedder: tuple | None = None) -> dict[str, torch.Tensor]:
     """The image-to-video conditioning of one clip ({field: [..]} without the batch dim) from its first frame,
     with the family's training noise (`image.train_noise_log_sigma`: pixels + sigma * randn, log sigma normal)."""
     first_3HW = pixels_CFHW[:, 0].float()
@@ -350,6 +354,11 @@ def encode_image_condition(vae: Any, image: Any, pixels_CFHW: torch.Tensor, sour
         sigma = math.exp(mean + std * torch.randn((), generator=g).item())
         first_3HW = first_3HW + sigma * torch.randn(first_3HW.shape, generator=g)
     out = image.encode(vae, first_3HW[None], pixels_CFHW.shape[1], None)
+    if embedder is not None:  # (encoder, processor): the image encoder sees the (noised) frame as an 8-bit image
+        from PIL import Image
+
+        rgb = ((first_3HW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        out[image.embed_field] = image.embed(*embedder, [Image.fromarray(rgb)])
     return {k: v[0].float() for k, v in out.items()}
 
 
@@ -359,7 +368,7 @@ def _header(cfg: PreprocessConfig, family: Any, vae: Any, text: TextEncoder, len
     if config is not None and hasattr(family, "takes_image") and family.takes_image(config):
         # the shards carry the first frame's conditioning (fastpost.data.shards: batch["cond"])
         cond = {"conditioning": {"inputs": list(family.conditioning_inputs(config)),
-                                 "fields": list(family.image.fields),
+                                 "fields": list(family.cond_fields(config)),
                                  "image_noise_log_sigma": family.image.train_noise_log_sigma}}
     return {**cond,
         "vae": {"family": family.name, "class": type(vae).__name__, "path": str(cfg.vae),
@@ -435,6 +444,12 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     patch_t = family.patch_sizes(config)[0] if config is not None else 1
     header = _header(cfg, family, vae, text, length, patch_t, config)
     image = family.image if "conditioning" in header else None  # image-to-video: encode the first frame too
+    embedder = None
+    if image is not None and family.takes_image_embed(config):
+        from fastpost.components import load_image_encoder
+
+        embedder = load_image_encoder(cfg.image_encoder or cfg.vae, image.encoder_class, image.processor_class,
+                                      device=device, dtype=compute, allow_pickle=cfg.allow_pickle)
     if rank == 0 and not (root / shards.MANIFEST).is_file():
         shards.create_manifest(root, header)
     if world > 1:
@@ -472,7 +487,7 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
             latents = pad_latent_frames(encode_video(vae, item["pixels"]), patch_t).to(dtype)
             samples.append({"latents": latents, "caption": row["caption"], "source": src, "bucket": item["bucket"]})
             if image is not None:
-                cond = encode_image_condition(vae, image, item["pixels"], src)
+                cond = encode_image_condition(vae, image, item["pixels"], src, embedder)
                 samples[-1].update({k: v.to(dtype) for k, v in cond.items()})
         if samples:
             embeds, mask = text.encode([s["caption"] for s in samples], length)

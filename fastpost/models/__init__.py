@@ -73,6 +73,14 @@ class ImageConditioning:
     # training augmentation, applied once per sample at preprocessing: first frame + sigma * randn with
     # log(sigma) ~ N(mean, std) (None: the clean frame)
     train_noise_log_sigma: tuple[float, float] | None = None
+    # an image encoder's embedding of the first frame (Wan 2.1 I2V: CLIP's penultimate hidden states), stored as
+    # `embed_field` for the configs `embed_applies` accepts; encoder and processor come from a pipeline folder's
+    # image_encoder/ and image_processor/ (fastpost.components.load_image_encoder)
+    embed_field: str | None = None
+    embed_applies: Callable[[Any], bool] | None = None
+    embed: Callable[..., torch.Tensor] | None = None  # (encoder, processor, images: list of PIL) -> [B, N, D]
+    encoder_class: str = "CLIPVisionModel"
+    processor_class: str = "CLIPImageProcessor"
 
 
 def sequence_parallel_on_blocks(processor_fn: Callable[[nn.Module, Any], None], gather_attr: str,
@@ -238,9 +246,17 @@ class ModelFamily:
         """The inputs this transformer config is conditioned on: ("text",) or ("text", "image")."""
         return (*self.conditioning, "image") if self.takes_image(config) else tuple(self.conditioning)
 
+    def takes_image_embed(self, config: Any) -> bool:
+        """Whether this I2V config also takes an image encoder's embedding (image.embed_field)."""
+        image = self.image
+        return (self.takes_image(config) and image.embed_field is not None
+                and (image.embed_applies is None or bool(image.embed_applies(config))))
+
     def cond_fields(self, config: Any) -> tuple[str, ...]:
         """The conditioning tensors predict() needs for this config (stored in the shards, batch["cond"])."""
-        return tuple(self.image.fields) if self.takes_image(config) else ()
+        if not self.takes_image(config):
+            return ()
+        return (*self.image.fields, *((self.image.embed_field,) if self.takes_image_embed(config) else ()))
 
     @staticmethod
     def latent_channels(config: Any) -> int:

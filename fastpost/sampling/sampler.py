@@ -59,6 +59,7 @@ class SampleModelConfig:
     lora: str | None = None  # diffusers-format LoRA dir (pytorch_lora_weights.safetensors)
     lora_scale: float = 1.0
     text_encoder: str | None = None  # default: `pretrained`
+    image_encoder: str | None = None  # image-to-video with an image encoder (Wan 2.1 I2V's CLIP); default: `pretrained`
     vae: str | None = None  # default: `pretrained`
     init_seed: int = 0  # random init without `pretrained` (must match the training run's for its checkpoints)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # transformer, text encoder, VAE
@@ -254,6 +255,7 @@ class VideoSampler:
         self.denoiser = Denoiser(self.family, self.model, self.dtype, self.layout, self.guidance, cfg.dynamic_cfg,
                                  self.steps, strategy, self.mesh.cfg_group, self.mesh.cfg_rank)
         self.vae = None
+        self._embedder = None  # (image encoder, processor), loaded on first use
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def _sampler_ctx(self, seed: int) -> SamplerContext:
@@ -294,6 +296,14 @@ class VideoSampler:
         image = VideoProcessor(vae_scale_factor=spatial).preprocess(
             load_image(path), height=self.geometry.height, width=self.geometry.width).to(self.device, self.dtype)
         out = self.family.image.encode(self._load_vae(), image, self.geometry.num_frames, generator)
+        if self.family.takes_image_embed(self.model.config):  # e.g. Wan 2.1 I2V: CLIP on the image as given
+            from fastpost.components import load_image_encoder
+
+            spec, m = self.family.image, self.cfg.model
+            if self._embedder is None:
+                self._embedder = load_image_encoder(m.image_encoder or m.pretrained, spec.encoder_class,
+                                                    spec.processor_class, self.device, self.dtype, m.allow_pickle)
+            out[spec.embed_field] = spec.embed(*self._embedder, [load_image(path)])
         out = {k: v.to(self.device, torch.float32).contiguous() for k, v in out.items()}
         if self.mesh.replica_group is not None:
             for v in out.values():
