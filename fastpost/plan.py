@@ -143,19 +143,31 @@ def sequence(family, config: dict, vae: dict, plan: PlanConfig) -> tuple[int, in
 def _probe_config(config: dict, heads: int) -> tuple[dict, float]:
     """The config at `heads` heads (head_dim kept, so attention runs the same kernel) and its width ratio."""
     scale = config["num_attention_heads"] / heads
-    probe = {**config, "num_attention_heads": heads, "num_layers": 2, "text_embed_dim": 64}
+    probe = {**config, "num_attention_heads": heads, "num_layers": 2, _text_key(config): 64}
     if "pooled_projection_dim" in config:  # Mochi's text stream width inside the blocks
         probe["pooled_projection_dim"] = max(8, int(config["pooled_projection_dim"] / scale) // 8 * 8)
+    for key in ("ffn_dim", "added_kv_proj_dim"):  # Wan's FFN and I2V image k/v widths follow the model width
+        if config.get(key):
+            probe[key] = max(8, int(config[key] / scale))
     for key in ("sample_height", "sample_width"):  # CogVideoX 1.5 RoPE slices a grid of this size
         if key in probe:
             probe[key] = max(probe[key], 64)
     if probe.get("out_channels") and probe.get("in_channels") != probe["out_channels"]:
         # an image-to-video config probes as its text-to-video twin: the image channels only widen the patch
-        # embedding's input (weights count them, from the real config), and CogVideoX-5b-I2V's learned positional
-        # table would pin the probe to the model's own latent size
+        # embedding's input (weights count them, from the real config), CogVideoX-5b-I2V's learned positional
+        # table would pin the probe to the model's own latent size, and Wan 2.1 I2V's CLIP branch (257 image
+        # tokens per cross-attention, small next to the video's activations) needs inputs the probe does not make
         probe["in_channels"] = probe["out_channels"]
-        probe.pop("use_learned_positional_embeddings", None)
+        for key in ("use_learned_positional_embeddings", "image_dim", "added_kv_proj_dim"):
+            probe.pop(key, None)
     return probe, scale
+
+
+def _text_key(config: dict) -> str:
+    """The config key of the prompt embedding width (text_embed_dim; Wan: text_dim)."""
+    from fastpost.data.checks import TEXT_WIDTH_KEYS
+
+    return next((k for k in TEXT_WIDTH_KEYS if k in config), "text_embed_dim")
 
 
 @functools.lru_cache(maxsize=32)
@@ -206,7 +218,7 @@ def _measure(family_name: str, config_json: str, video_grid: tuple[int, int, int
     f, h, w = video_grid
     channels = config["in_channels"]
     latents = torch.randn(1, channels, f * p_t, h * p_h, w * p_w)
-    embeds = torch.randn(1, text, config["text_embed_dim"])
+    embeds = torch.randn(1, text, config[_text_key(config)])
     mask = torch.ones(1, text, dtype=torch.bool)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = family.predict(model, latents, torch.tensor([500]), embeds, mask)

@@ -142,3 +142,22 @@ def test_sp_and_cfg_parallel_match_world1(pipe_dir, tmp_path):
     assert (ref - ref_split).abs().max() <= TOL * scale
     meta = json.loads(next((tmp_path / "sp2").glob("*.json")).read_text())
     assert meta["sampler"] == "unipc" and meta["scheduler_config"]["flow_shift"] == 3.0 and meta["num_frames"] == 9
+
+
+def test_two_experts_switch_at_the_boundary_like_wan_pipeline(pipe_dir, tmp_path):
+    """Wan 2.2 A14B layout: transformer (high noise) denoises t >= boundary_ratio * 1000, transformer_2 (low noise)
+    the rest, each with its own guidance scale; world 1 equals WanPipeline with the same two experts."""
+    from diffusers import WanPipeline
+
+    single = _pipeline(pipe_dir)
+    two = tmp_path / "a14b"
+    WanPipeline(tokenizer=single.tokenizer, text_encoder=single.text_encoder, vae=single.vae,
+                scheduler=single.scheduler, transformer=single.transformer,
+                transformer_2=make_model(FAMILY, "debug", seed=1), boundary_ratio=0.875).save_pretrained(two)
+    pipe = _pipeline(two)
+    timesteps = pipe.scheduler.set_timesteps(4) or pipe.scheduler.timesteps
+    assert (timesteps >= 875).any() and (timesteps < 875).any()  # both experts run
+    mine = VideoSampler(_cfg(two, guidance_scale_2=3.0)).generate(0)
+    want = _pipe_latents(pipe, guidance_scale_2=3.0)
+    assert (mine - want).abs().max() <= TOL * max(1.0, mine.abs().max().item())
+    assert (mine - VideoSampler(_cfg(pipe_dir)).generate(0)).abs().max() > 1e-2  # the second expert mattered

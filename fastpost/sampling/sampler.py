@@ -37,7 +37,7 @@ from fastpost.distributed.fsdp import DTYPES
 from fastpost.distributed.parallel_dims import init_distributed
 from fastpost.models import get_family
 from fastpost.sampling import mesh as mesh_lib
-from fastpost.sampling.denoiser import Denoiser
+from fastpost.sampling.denoiser import Denoiser, LowNoiseExpert
 from fastpost.builder import BuildError, ModelSpec, build_model
 from fastpost.sampling.model import apply_trained_weights, check_lora_dir, resolve_checkpoint
 from fastpost.sampling.prompts import encode_prompts
@@ -87,6 +87,7 @@ class SampleConfig:
     num_frames: int | None = None  # pixel frames: temporal * k + 1 (CogVideoX 4k+1, Mochi 6k+1)
     steps: int | None = None  # None: the pipeline's default (CogVideoX 50, Mochi 64)
     guidance_scale: float | None = None  # None: pipeline default (6.0 / 4.5); <= 1 disables CFG
+    guidance_scale_2: float | None = None  # two-expert pipelines (Wan 2.2 A14B): the low-noise expert's; None: same
     dynamic_cfg: bool = False  # CogVideoXPipeline's use_dynamic_cfg schedule
     cfg_batched: bool = True  # parallel.cfg=1: uncond+cond in one batch (as diffusers); false: two calls, half the
     #                           activation memory, and bitwise the per-half computation CFG parallel does
@@ -183,6 +184,22 @@ def check_images(items: list[PromptItem], takes_image: bool, family: str) -> Non
                           f"use an image-to-video checkpoint or drop image")
 
 
+def two_expert_boundary(pretrained: str | None) -> float | None:
+    """boundary_ratio of a diffusers pipeline folder whose model_index.json names a transformer_2 (Wan 2.2 A14B:
+    transformer = high-noise expert, transformer_2 = low-noise expert), else None."""
+    index = Path(pretrained) / "model_index.json" if pretrained is not None else None
+    if index is None or not index.is_file():
+        return None
+    raw = json.loads(index.read_text())
+    second = raw.get("transformer_2")
+    if not (isinstance(second, list) and second and second[0] is not None):
+        return None
+    if raw.get("boundary_ratio") is None:
+        raise SampleError(f"{index} names a transformer_2 but no boundary_ratio: it does not say which timesteps each "
+                          f"expert denoises")
+    return float(raw["boundary_ratio"])
+
+
 # ---- the job -----------------------------------------------------------------------------------------------------
 class VideoSampler:
     """Builds everything once (collective: every rank constructs it), then `run()` writes one video per prompt."""
@@ -242,6 +259,7 @@ class VideoSampler:
         self.checkpoint = resolve_checkpoint(m.checkpoint) if m.checkpoint else None
         apply_trained_weights(self.family, model, m, self.checkpoint)
         self.model = model
+        self.low_noise = self._low_noise_expert(spec)
 
         # 5. prompt embeddings, identical everywhere
         negatives = [it.negative_prompt for it in self.items] if self.guidance > 1 else None
@@ -253,9 +271,30 @@ class VideoSampler:
         else:
             strategy = "batched" if cfg.cfg_batched else "sequential"
         self.denoiser = Denoiser(self.family, self.model, self.dtype, self.layout, self.guidance, cfg.dynamic_cfg,
-                                 self.steps, strategy, self.mesh.cfg_group, self.mesh.cfg_rank)
+                                 self.steps, strategy, self.mesh.cfg_group, self.mesh.cfg_rank, self.low_noise)
         self.vae = None
         self._embedder = None  # (image encoder, processor), loaded on first use
+
+    def _low_noise_expert(self, spec: ModelSpec) -> LowNoiseExpert | None:
+        """A two-expert pipeline folder (model_index.json names a transformer_2 and a boundary_ratio, as Wan 2.2
+        A14B's): its low-noise expert, built like the first (replicated, SP processors), or None."""
+        m = self.cfg.model
+        ratio = two_expert_boundary(m.pretrained)
+        if ratio is None:
+            return None
+        if m.checkpoint or m.lora:
+            raise SampleError(f"{m.pretrained} holds two experts (transformer, transformer_2); model.checkpoint and "
+                              f"model.lora apply to one model: export the trained expert into a copy of the pipeline "
+                              f"folder (fastpost.export.save_pipeline) and sample that")
+        try:
+            model_2, _ = build_model(self.family, spec.with_(pretrained=str(Path(m.pretrained) / "transformer_2")),
+                                     self.dims, attention_backend=m.attention_backend, shard=False,
+                                     device=self.device)
+        except BuildError as e:
+            raise SampleError(str(e)) from None
+        boundary = ratio * self.scheduler_config.get("num_train_timesteps", 1000)
+        guidance_2 = self.cfg.guidance_scale_2 if self.cfg.guidance_scale_2 is not None else self.guidance
+        return LowNoiseExpert(model_2, boundary, guidance_2)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def _sampler_ctx(self, seed: int) -> SamplerContext:
