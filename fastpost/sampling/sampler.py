@@ -38,7 +38,7 @@ from fastpost.distributed.parallel_dims import init_distributed
 from fastpost.models import get_family
 from fastpost.sampling import mesh as mesh_lib
 from fastpost.sampling.denoiser import Denoiser, LowNoiseExpert
-from fastpost.builder import BuildError, ModelSpec, build_model
+from fastpost.builder import BuildError, ModelSpec, build_model, pipeline_boundary_ratio
 from fastpost.sampling.model import apply_trained_weights, check_lora_dir, resolve_checkpoint
 from fastpost.sampling.prompts import encode_prompts
 from fastpost.sampling.samplers import SamplerContext, build_sampler
@@ -184,22 +184,6 @@ def check_images(items: list[PromptItem], takes_image: bool, family: str) -> Non
                           f"use an image-to-video checkpoint or drop image")
 
 
-def two_expert_boundary(pretrained: str | None) -> float | None:
-    """boundary_ratio of a diffusers pipeline folder whose model_index.json names a transformer_2 (Wan 2.2 A14B:
-    transformer = high-noise expert, transformer_2 = low-noise expert), else None."""
-    index = Path(pretrained) / "model_index.json" if pretrained is not None else None
-    if index is None or not index.is_file():
-        return None
-    raw = json.loads(index.read_text())
-    second = raw.get("transformer_2")
-    if not (isinstance(second, list) and second and second[0] is not None):
-        return None
-    if raw.get("boundary_ratio") is None:
-        raise SampleError(f"{index} names a transformer_2 but no boundary_ratio: it does not say which timesteps each "
-                          f"expert denoises")
-    return float(raw["boundary_ratio"])
-
-
 # ---- the job -----------------------------------------------------------------------------------------------------
 class VideoSampler:
     """Builds everything once (collective: every rank constructs it), then `run()` writes one video per prompt."""
@@ -279,7 +263,10 @@ class VideoSampler:
         """A two-expert pipeline folder (model_index.json names a transformer_2 and a boundary_ratio, as Wan 2.2
         A14B's): its low-noise expert, built like the first (replicated, SP processors), or None."""
         m = self.cfg.model
-        ratio = two_expert_boundary(m.pretrained)
+        try:
+            ratio = pipeline_boundary_ratio(m.pretrained)
+        except BuildError as e:
+            raise SampleError(str(e)) from None
         if ratio is None:
             return None
         if m.checkpoint or m.lora:
@@ -387,8 +374,9 @@ class VideoSampler:
         it, g, cfg = self.items[index], self.geometry, self.cfg
         return {
             "prompt": it.prompt, "negative_prompt": it.negative_prompt, "seed": it.seed, "image": it.image,
-            "steps": self.steps,
-            "guidance_scale": self.guidance, "dynamic_cfg": cfg.dynamic_cfg, "sampler": self.sampler_name,
+            "steps": self.steps, "guidance_scale": self.guidance,
+            "guidance_scale_2": self.low_noise.guidance if self.low_noise is not None else None,
+            "dynamic_cfg": cfg.dynamic_cfg, "sampler": self.sampler_name,
             "sampler_args": cfg.sampler_args, "scheduler_config": self.scheduler_config,
             "model": {**to_dict(cfg.model), "checkpoint_resolved": str(self.checkpoint) if self.checkpoint else None},
             "lora": cfg.model.lora, "height": g.height, "width": g.width, "num_frames": g.num_frames,
