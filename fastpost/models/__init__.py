@@ -231,9 +231,13 @@ class ModelFamily:
                 prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None, *,
                 cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The model's prediction; `cond`: the image conditioning tensors (self.image.fields, batch["cond"]) of an
-        image-to-video model. Families without image models never see it (their predict_fn keeps 5 arguments)."""
-        if self.image is None:
+        image-to-video model, passed to predict_fn as the keyword `cond` only when given (so text-to-video
+        predict_fns keep their 5 arguments)."""
+        if not cond:
             return self.predict_fn(model, noisy_latents_BCFHW, timesteps_B, prompt_embeds_BTD, prompt_mask_BT)
+        if self.image is None:
+            raise ValueError(f"model family {self.name!r} has no image-to-video models, but image conditioning "
+                             f"{sorted(cond)} was given")
         return self.predict_fn(model, noisy_latents_BCFHW, timesteps_B, prompt_embeds_BTD, prompt_mask_BT,
                                cond=cond)
 
