@@ -3,7 +3,7 @@ SP + FSDP2 equals unmodified diffusers, fp32: outputs and every parameter gradie
 
 Video tokens: 3 x 3 x 5 = 45 per sample (latents 3 x 6 x 10, patch (1, 2, 2)), divisible by neither sp=2 nor sp=4;
 3 heads (debug, debug-i2v) and 5 heads (debug-ti2v) divide neither either, so the head padding path always runs.
-One world-4 spawn: T2V at sp4, dp2 x sp2 and ulysses2 x ring2; the I2V layout at sp4, TI2V at dp2 x sp2.
+One world-4 spawn: T2V at sp4, dp2 x sp2 and ulysses2 x ring2; the I2V layout at sp4, TI2V at dp2 x sp2 + AC.
 """
 
 import dataclasses
@@ -61,11 +61,14 @@ def _world4(rank, world):
         d.build_mesh("cpu")
     results = {}
     # T2V on every layout; the I2V image branch (3 heads) at sp4, the TI2V per-token timesteps (5 heads) at sp2
-    for flavor, names in (("debug", tuple(dims)), ("debug-i2v", ("sp4",)), ("debug-ti2v", ("dp2xsp2",))):
+    # with full activation checkpointing (the split hooks must also hold in recompute; the 14B job runs AC full)
+    for flavor, names, ac in (("debug", tuple(dims), "none"), ("debug-i2v", ("sp4",), "none"),
+                              ("debug-ti2v", ("dp2xsp2",), "full")):
         family, batch = family_for(flavor), make_batch(flavor)
         init, pred, grads = reference(family, flavor, batch)
         for name in names:
-            results[f"{flavor} {name} fsdp"], _ = parallel_errors(family, init, pred, grads, dims[name], batch)
+            results[f"{flavor} {name} fsdp ac={ac}"], _ = parallel_errors(family, init, pred, grads, dims[name],
+                                                                          batch, ac=ac)
     _check(results, rank)
 
 
@@ -74,12 +77,13 @@ def test_wan_parallel_matches_diffusers():
 
 
 # ---- single process -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flavor", ["debug", "debug-i2v", "debug-ti2v"])
-def test_sp_processor_with_sp_off_equals_diffusers(flavor):
-    """parallelize() at world 1 (SP processors installed, no SP/FSDP) with fastpost AC full: same output/grads."""
+@pytest.mark.parametrize("flavor,ac", [("debug", "selective"), ("debug-i2v", "full"), ("debug-ti2v", "full")])
+def test_sp_processor_with_sp_off_equals_diffusers(flavor, ac):
+    """parallelize() at world 1 (SP processors installed, no SP/FSDP) with fastpost AC (selective: what the
+    T2V-1.3B job file uses): same output/grads."""
     family, batch = family_for(flavor), make_batch(flavor)
     init, pred, grads = reference(family, flavor, batch)
-    errs, _ = parallel_errors(family, init, pred, grads, ParallelDims(world_size=1), batch, ac="full")
+    errs, _ = parallel_errors(family, init, pred, grads, ParallelDims(world_size=1), batch, ac=ac)
     assert max(errs.values()) <= TOL, errs
 
 
@@ -95,6 +99,8 @@ def test_family_api_and_real_configs():
         c = FAMILY.config(flavor)
         assert (c["num_attention_heads"], c["num_layers"], c["num_attention_heads"] * c["attention_head_dim"],
                 c["in_channels"]) == sizes, flavor
+    assert FAMILY.training_fps(FAMILY.config("t2v-14b")) == 16
+    assert FAMILY.training_fps(FAMILY.config("2.2-ti2v-5b")) == 24
     sched = FAMILY.make_scheduler("2.2-ti2v-5b")
     assert type(sched).__name__ == "UniPCMultistepScheduler" and sched.config.flow_shift == 5.0
     with pytest.raises(ValueError, match=r"multiples of the patch size"):

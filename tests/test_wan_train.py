@@ -81,7 +81,8 @@ def _check_lora_exports(run_dir, tmp_path):
 
     pipe_dir = build_tiny_pipeline(tmp_path / "pipe", "wan", "debug", seed=0)  # base = the flavor at init_seed 0
     g = torch.Generator().manual_seed(7)
-    x, emb, t = torch.randn(1, *LATENT, generator=g), torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g), torch.tensor([500])
+    x, emb = torch.randn(1, *LATENT, generator=g), torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)
+    t = torch.tensor([500])
     outs = {}
     for name, kwargs in (("base", None), ("diffusers", {}), ("comfyui", {"weight_name": COMFY_LORA_FILE})):
         pipe = WanPipeline.from_pretrained(pipe_dir)
@@ -162,6 +163,7 @@ def test_one_expert_per_job_of_a_two_expert_pipeline(shards, tmp_path):
     # lr 0: the exported weights are the expert the job loaded
     jobs = {e: job(tmp_path / e, shards, steps=3, model={**model, "expert": e}, optim={"lr": 0.0, "warmup_steps": 0},
                    recipe_args={"timestep_sampling": "uniform"}) for e in ("high_noise", "low_noise")}
+    jobs["low_lora"] = job(tmp_path / "low_lora", shards, steps=2, lora=LORA, model={**model, "expert": "low_noise"})
     run_distributed(_fit_all, 1, list(jobs.values()))
     for expert, sub, inside in (("high_noise", "transformer", lambda c: c >= 0.875),
                                 ("low_noise", "transformer_2", lambda c: c < 0.875)):
@@ -175,3 +177,29 @@ def test_one_expert_per_job_of_a_two_expert_pipeline(shards, tmp_path):
         assert len(times) == 3 and all(inside(c) for c in times), (expert, times)
     with pytest.raises(BuildError, match="set model.expert to high_noise or low_noise"):
         Trainer(from_dict(TrainConfig, job(tmp_path / "none", shards, model=model)))
+    # the low-noise expert's LoRA: WanPipeline.load_lora_weights(load_into_transformer_2=True) and `fastpost sample`
+    # with model.expert=low_noise sample the same video, which differs from the base pipeline's
+    from fastpost.sampling import SampleConfig, SampleModelConfig, VideoSampler
+
+    def sample(**model_kw):
+        cfg = SampleConfig(prompt="a red ball", negative_prompt="", height=48, width=80, num_frames=9, steps=4,
+                           guidance_scale=5.0, seed=3, progress_bar=False, cfg_batched=False,
+                           model=SampleModelConfig(family="wan", pretrained=str(pipe), **model_kw))
+        return VideoSampler(cfg).generate(0)
+
+    def pipeline(lora: bool):
+        p = WanPipeline.from_pretrained(pipe)
+        if lora:
+            p.load_lora_weights(tmp_path / "low_lora" / "lora", load_into_transformer_2=True)
+        p.set_progress_bar_config(disable=True)
+        return p(prompt="a red ball", negative_prompt="", height=48, width=80, num_frames=9, num_inference_steps=4,
+                 guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(3)).frames
+
+    mine, want = sample(lora=str(tmp_path / "low_lora" / "lora"), expert="low_noise"), pipeline(lora=True)
+    scale = max(1.0, want.abs().max().item())
+    assert (mine - want).abs().max() <= 1e-5 * scale
+    assert (want - pipeline(lora=False)).abs().max() > 1e-3, "the expert's LoRA changed nothing"
+    from fastpost.sampling import SampleError
+
+    with pytest.raises(SampleError, match="set model.expert"):
+        sample(lora=str(tmp_path / "low_lora" / "lora"))

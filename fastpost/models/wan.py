@@ -66,7 +66,8 @@ FLAVORS = {
 # The pipelines' scheduler (same script): UniPC on flow sigmas, flow_shift 3.0 (2.1, 2.2 A14B) or 5.0 (2.2 TI2V);
 # a checkpoint's scheduler/scheduler_config.json overrides this (ModelFamily.scheduler_config).
 _UNIPC = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
-SCHEDULERS = {"default": _UNIPC, "2.2-ti2v-5b": {**_UNIPC, "flow_shift": 5.0}, "debug-ti2v": {**_UNIPC, "flow_shift": 5.0}}
+SCHEDULERS = {"default": _UNIPC, "2.2-ti2v-5b": {**_UNIPC, "flow_shift": 5.0},
+              "debug-ti2v": {**_UNIPC, "flow_shift": 5.0}}
 # Wan 2.2 A14B (pipeline model_index.json boundary_ratio): the high-noise expert owns t >= ratio * 1000
 BOUNDARY_RATIOS = {"2.2-t2v-a14b": 0.875, "2.2-i2v-a14b": 0.9}
 
@@ -255,6 +256,8 @@ FAMILY = ModelFamily(
     lora_targets=LORA_TARGETS,
     comfy_names=COMFY_NAMES,
     blocks_attr="blocks",
+    # Wan 2.1 and 2.2 A14B were trained at 16 fps, 2.2 TI2V-5B (48 latent channels: the 2.2 VAE) at 24
+    training_fps_fn=lambda config: 24 if config is not None and dict(config).get("in_channels") == 48 else 16,
     # Wan 2.1 I2V (+ CLIP image tokens) and 2.2 A14B I2V: the first frame as WanImageToVideoPipeline encodes it
     image=ImageConditioning(fields=("image_latents",), applies=is_image_to_video, encode=encode_image,
                             embed_field="image_embeds", embed_applies=takes_clip, embed=embed_image),

@@ -65,6 +65,9 @@ class SampleModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # transformer, text encoder, VAE
     allow_pickle: bool = False  # accept pickled .bin weights in model folders (they can run code when loaded)
     attention_backend: str = "auto"
+    # two-expert pipelines (Wan 2.2 A14B): the expert `checkpoint` / `lora` were trained for (a training job's
+    # model.expert): high_noise (transformer/) or low_noise (transformer_2/)
+    expert: Literal["high_noise", "low_noise"] | None = None
 
 
 @dataclass
@@ -160,9 +163,10 @@ def resolve_geometry(cfg: SampleConfig, family, model_config, vae_config: dict) 
         raise SampleError(f"num_frames={f} is not valid for the {vae_config['_class_name']} VAE: it needs "
                           f"{temporal}k+1 frames (e.g. {lo} or {lo + temporal})")
     channels = family.latent_channels(model_config)  # an I2V transformer's in_channels also count the image's
-    if family.vae.latent_channels(vae_config) != channels:
-        raise SampleError(f"the VAE has {family.vae.latent_channels(vae_config)} latent channels but the transformer "
-                          f"takes {channels}: model.vae does not belong to this model")
+    latent_channels = family.vae.latent_channels(vae_config)
+    if latent_channels != channels:
+        raise SampleError(f"the VAE has {latent_channels} latent channels but the transformer takes {channels}: "
+                          f"model.vae does not belong to this model")
     latent_frames = (f - 1) // temporal + 1
     pad = (pt - latent_frames % pt) % pt
     shape = (1, channels, latent_frames + pad, h // spatial, w // spatial)
@@ -241,9 +245,10 @@ class VideoSampler:
 
         # 3. trained weights, 4. sequence parallel
         self.checkpoint = resolve_checkpoint(m.checkpoint) if m.checkpoint else None
-        apply_trained_weights(self.family, model, m, self.checkpoint)
         self.model = model
         self.low_noise = self._low_noise_expert(spec)
+        trained = self.low_noise.model if self.low_noise is not None and m.expert == "low_noise" else model
+        apply_trained_weights(self.family, trained, m, self.checkpoint)
 
         # 5. prompt embeddings, identical everywhere
         negatives = [it.negative_prompt for it in self.items] if self.guidance > 1 else None
@@ -268,11 +273,13 @@ class VideoSampler:
         except BuildError as e:
             raise SampleError(str(e)) from None
         if ratio is None:
+            if m.expert is not None:
+                raise SampleError(f"model.expert={m.expert!r} needs a two-expert pipeline folder (model_index.json "
+                                  f"with transformer_2 and boundary_ratio); {m.pretrained} is not")
             return None
-        if m.checkpoint or m.lora:
-            raise SampleError(f"{m.pretrained} holds two experts (transformer, transformer_2); model.checkpoint and "
-                              f"model.lora apply to one model: export the trained expert into a copy of the pipeline "
-                              f"folder (fastpost.export.save_pipeline) and sample that")
+        if (m.checkpoint or m.lora) and m.expert is None:
+            raise SampleError(f"{m.pretrained} holds two experts (transformer/ high noise, transformer_2/ low noise): "
+                              f"set model.expert to the one model.checkpoint / model.lora was trained for")
         try:
             model_2, _ = build_model(self.family, spec.with_(pretrained=str(Path(m.pretrained) / "transformer_2")),
                                      self.dims, attention_backend=m.attention_backend, shard=False,
