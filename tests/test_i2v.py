@@ -297,3 +297,12 @@ def test_wan_i2v_shards_and_lora_finetune_loading_in_the_pipeline(env, wan_pipe,
                         - (eps - x0)) ** 2).mean().item() for name, m in (("trained", pipe.transformer),
                                                                          ("base", base))}
     assert loss["trained"] < 0.9 * loss["base"], loss
+
+
+def test_wan_i2v_full_finetune_and_pcm_distill_run(env, wan_pipe, wan_shards, tmp_path):
+    wan = {"model": {"family": "wan", "pretrained": str(wan_pipe)}, "steps": 2}
+    full = _train(env, wan_shards, tmp_path / "full", **wan)
+    assert (full / "transformer" / "config.json").is_file() and all(np.isfinite(_losses(full)))
+    pcm = _train(env, wan_shards, tmp_path / "pcm", recipe="distill", lora={"enabled": True, "rank": 4},
+                 recipe_args={"num_teacher_steps": 8, "phases": 2, "guidance_min": 1.0, "guidance_max": 3.0}, **wan)
+    assert len(_losses(pcm)) == 2 and all(np.isfinite(_losses(pcm)))
