@@ -147,3 +147,22 @@ def denormalize_latents(vae: Any, z: torch.Tensor, channel_dim: int = -4) -> tor
         std = _channel_view(n["latents_std"], z32, channel_dim)
         return (z32 * std / n["scaling_factor"] + mean).to(z.dtype)
     return (z32 / n["scaling_factor"] + n["shift_factor"]).to(z.dtype)
+
+
+def load_image_encoder(path: str | Path, encoder_class: str = "CLIPVisionModel",
+                       processor_class: str = "CLIPImageProcessor", device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """(encoder, processor) of an image-to-video pipeline folder (image_encoder/ + image_processor/, e.g. Wan 2.1
+    I2V's CLIP ViT-H), or of a folder holding both directly."""
+    import transformers
+
+    path = Path(path)
+    enc_dir = path / "image_encoder" if (path / "image_encoder" / "config.json").is_file() else path
+    proc_dir = path / "image_processor" if (path / "image_processor").is_dir() else path
+    if not (enc_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no image encoder in {str(path)!r}: expected image_encoder/config.json (a pipeline "
+                                f"folder of an image-to-video model) or config.json")
+    encoder = getattr(transformers, encoder_class).from_pretrained(
+        enc_dir, torch_dtype=dtype, use_safetensors=None if allow_pickle else True).to(device).eval()
+    processor = getattr(transformers, processor_class).from_pretrained(proc_dir)
+    return encoder, processor

@@ -152,6 +152,14 @@ def _probe_config(config: dict, heads: int) -> tuple[dict, float]:
     for key in ("sample_height", "sample_width"):  # CogVideoX 1.5 RoPE slices a grid of this size
         if key in probe:
             probe[key] = max(probe[key], 64)
+    if probe.get("out_channels") and probe.get("in_channels") != probe["out_channels"]:
+        # an image-to-video config probes as its text-to-video twin: the image channels only widen the patch
+        # embedding's input (weights count them, from the real config), CogVideoX-5b-I2V's learned positional
+        # table would pin the probe to the model's own latent size, and Wan 2.1 I2V's CLIP branch (257 image
+        # tokens per cross-attention, small next to the video's activations) needs inputs the probe does not make
+        probe["in_channels"] = probe["out_channels"]
+        for key in ("use_learned_positional_embeddings", "image_dim", "added_kv_proj_dim"):
+            probe.pop(key, None)
     return probe, scale
 
 

@@ -23,7 +23,8 @@ FILES = sorted(CONFIGS.rglob("*.yaml"))
 TRAIN_JOBS = [f for f in FILES if "plan" in load_yaml(f)]  # the real jobs state their hardware in plan:
 EXPECTED = {"cogvideox/lora_2b.yaml", "cogvideox/lora_5b.yaml", "cogvideox/full_5b.yaml",
             "cogvideox/distill_5b.yaml", "cogvideox/lora_1.5_5b.yaml", "mochi/lora.yaml", "mochi/distill.yaml",
-            "wan/t2v_1.3b_lora.yaml", "wan/t2v_14b_lora_8gpu.yaml"}
+            "cogvideox/i2v_5b_lora.yaml", "wan/t2v_1.3b_lora.yaml", "wan/t2v_14b_lora_8gpu.yaml",
+            "wan/i2v_14b_lora.yaml"}
 
 
 def _name(path: Path) -> str:

@@ -96,12 +96,22 @@ def check_shards_for_model(dataset: ShardDataset, family: Any, model_config: Any
             f"text_encoder_pass_mask")
     if model_config is None:
         return
+    need = family.cond_fields(model_config) if hasattr(family, "cond_fields") else ()
+    have = tuple(getattr(dataset, "cond_fields", ()))
+    lacking = [f for f in need if f not in have]
+    if lacking:
+        raise DataModelMismatch(
+            f"the transformer is image-to-video ({family.name}, in_channels={_get(model_config, 'in_channels')}) and "
+            f"needs the first frame's {lacking}, but the shards in {root} carry {list(have) or 'none'}; {fix} with "
+            f"the I2V pipeline (transformer=<its folder>), which stores them")
     latents, embeds, _ = _sample_shapes(dataset)
-    channels = _get(model_config, "in_channels")
+    # the video latents' channels: an I2V transformer's in_channels also count the image channels it concatenates
+    channels = _get(model_config, "out_channels") or _get(model_config, "in_channels")
     for shape in sorted(latents):
         if channels is not None and shape[0] != channels:
             raise DataModelMismatch(f"the shards hold latents with {shape[0]} channels (shape {list(shape)}) but the "
-                                    f"transformer takes in_channels={channels}: they were made with another VAE; {fix}")
+                                    f"transformer takes {channels}-channel latents: they were made with another "
+                                    f"VAE; {fix}")
         if len(shape) == 4 and hasattr(family, "patch_sizes") and _get(model_config, "patch_size") is not None:
             pt, ph, pw = family.patch_sizes(model_config)
             if shape[1] % pt:

@@ -21,7 +21,7 @@ from typing import Any, Hashable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastpost.data.shards import TENSOR_FIELDS, ShardDataset
+from fastpost.data.shards import TENSOR_FIELDS, ShardDataset, ShardError
 
 @dataclass
 class LoaderConfig:
@@ -164,6 +164,10 @@ def collate(samples: list[dict[str, Any]], indices: list[int] | None = None) -> 
         raise ValueError(f"cannot stack latents of different shapes {sorted(shapes)} in one batch; "
                          f"batches must come from BucketBatchSampler (one shape per batch)")
     batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in TENSOR_FIELDS}
+    # image-to-video conditioning (the shard header's conditioning.fields): what family.predict takes as `cond`
+    extra = [k for k in samples[0] if isinstance(samples[0][k], torch.Tensor) and k not in TENSOR_FIELDS]
+    if extra:
+        batch["cond"] = {k: torch.stack([s[k] for s in samples]) for k in extra}
     batch["captions"] = [s["caption"] for s in samples]
     batch["sources"] = [s["source"] for s in samples]
     batch["buckets"] = [s["bucket"] for s in samples]
@@ -176,8 +180,15 @@ class ShardLoader:
     """Iterate collated batches of a shard folder for one dp rank; resumable via state_dict()."""
 
     def __init__(self, dataset: ShardDataset | str | Path, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, verify: bool = False) -> None:
-        self.dataset = dataset if isinstance(dataset, ShardDataset) else ShardDataset(dataset, verify=verify)
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = False, verify: bool = False,
+                 require: tuple[str, ...] = ()) -> None:
+        """require: conditioning fields the model needs (family.cond_fields(config)); shards without them raise."""
+        self.dataset = dataset if isinstance(dataset, ShardDataset) else ShardDataset(dataset, verify=verify,
+                                                                                      require=require)
+        lacking = [f for f in require if f not in self.dataset.cond_fields]
+        if lacking:
+            raise ShardError(f"the shards in {self.dataset.root} carry no {lacking}, which an image-to-video model "
+                             f"needs: preprocess again with the I2V model's pipeline (transformer=<its folder>)")
         self.sampler = BucketBatchSampler(self.dataset.shape_keys(), batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                           seed=seed, shuffle=shuffle, drop_last=drop_last)
         self.dataset.check_sizes()  # a stat per shard: a truncated file fails here, on every rank alike
@@ -196,10 +207,10 @@ class ShardLoader:
         return cls(dataset, batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp, **kw)
 
     @classmethod
-    def from_config(cls, cfg: LoaderConfig, dims: Any = None) -> "ShardLoader":
+    def from_config(cls, cfg: LoaderConfig, dims: Any = None, require: tuple[str, ...] = ()) -> "ShardLoader":
         dp_rank, dp_size = (dims.dp_rank, dims.dp) if dims is not None else (0, 1)
         return cls(cfg.path, cfg.batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
-                   shuffle=cfg.shuffle, drop_last=cfg.drop_last, verify=cfg.verify_checksums)
+                   shuffle=cfg.shuffle, drop_last=cfg.drop_last, verify=cfg.verify_checksums, require=require)
 
     @property
     def header(self) -> dict[str, Any]:

@@ -80,6 +80,9 @@ class PreprocessConfig:
     # otherwise encodes a whole clip at once), off on CPU so the tiny test VAEs encode exactly
     vae_tiling: bool | Literal["auto"] = "auto"
     text_encoder_pass_mask: bool | None = None  # None: what the family's diffusers pipeline does
+    # image-to-video models with an image encoder (Wan 2.1 I2V's CLIP): a pipeline folder with image_encoder/ and
+    # image_processor/; None: the `vae` folder
+    image_encoder: str | None = None
     allow_pickle: bool = False  # accept pickled .bin weights for the VAE / text encoder (they can run code)
     limit: int | None = None  # only the first N input rows (smoke runs)
 
@@ -331,9 +334,43 @@ def pad_latent_frames(latents_CFHW: torch.Tensor, patch_t: int) -> torch.Tensor:
     return torch.cat([latents_CFHW[:, :1].expand(-1, pad, -1, -1), latents_CFHW], dim=1)
 
 
+def image_noise_generator(source: str) -> torch.Generator:
+    """The generator of one input's image-conditioning noise, seeded by its source path: shards stay reproducible
+    and a rerun (or another world size) encodes the same input identically."""
+    import hashlib
+
+    return torch.Generator().manual_seed(int(hashlib.sha256(source.encode()).hexdigest()[:15], 16))
+
+
+@torch.no_grad()
+def encode_image_condition(vae: Any, image: Any, pixels_CFHW: torch.Tensor, source: str,
+                           embedder: tuple | None = None) -> dict[str, torch.Tensor]:
+    """The image-to-video conditioning of one clip ({field: [..]} without the batch dim) from its first frame,
+    with the family's training noise (`image.train_noise_log_sigma`: pixels + sigma * randn, log sigma normal)."""
+    first_3HW = pixels_CFHW[:, 0].float()
+    if image.train_noise_log_sigma is not None:
+        mean, std = image.train_noise_log_sigma
+        g = image_noise_generator(source)
+        sigma = math.exp(mean + std * torch.randn((), generator=g).item())
+        first_3HW = first_3HW + sigma * torch.randn(first_3HW.shape, generator=g)
+    out = image.encode(vae, first_3HW[None], pixels_CFHW.shape[1], None)
+    if embedder is not None:  # (encoder, processor): the image encoder sees the (noised) frame as an 8-bit image
+        from PIL import Image
+
+        rgb = ((first_3HW.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        out[image.embed_field] = image.embed(*embedder, [Image.fromarray(rgb)])
+    return {k: v[0].float() for k, v in out.items()}
+
+
 def _header(cfg: PreprocessConfig, family: Any, vae: Any, text: TextEncoder, length: int,
-            patch_t: int) -> dict[str, Any]:
-    return {
+            patch_t: int, config: dict | None = None) -> dict[str, Any]:
+    cond = {}
+    if config is not None and hasattr(family, "takes_image") and family.takes_image(config):
+        # the shards carry the first frame's conditioning (fastpost.data.shards: batch["cond"])
+        cond = {"conditioning": {"inputs": list(family.conditioning_inputs(config)),
+                                 "fields": list(family.cond_fields(config)),
+                                 "image_noise_log_sigma": family.image.train_noise_log_sigma}}
+    return {**cond,
         "vae": {"family": family.name, "class": type(vae).__name__, "path": str(cfg.vae),
                 "normalization": latent_norm(vae), "frame_multiple": family.vae.frame_multiple(vae),
                 # latent frames padded to a multiple of this by repeating the first one in front (1: no padding)
@@ -358,6 +395,8 @@ def _check_resume(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     for k in ("hidden_size", "pass_mask", "max_length"):
         if old["text_encoder"].get(k) != new["text_encoder"][k]:
             diffs.append(f"text_encoder.{k} {old['text_encoder'].get(k)} -> {new['text_encoder'][k]}")
+    if json.loads(json.dumps(old.get("conditioning"))) != json.loads(json.dumps(new.get("conditioning"))):
+        diffs.append(f"conditioning {old.get('conditioning')} -> {new.get('conditioning')}")
     if old["vae"].get("latent_frame_multiple", 1) != new["vae"]["latent_frame_multiple"]:
         diffs.append(f"latent_frame_multiple {old['vae'].get('latent_frame_multiple', 1)} -> "
                      f"{new['vae']['latent_frame_multiple']}")
@@ -403,7 +442,14 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
     multiple = family.vae.frame_multiple(vae)
     length = text_length(cfg, family, config)
     patch_t = family.patch_sizes(config)[0] if config is not None else 1
-    header = _header(cfg, family, vae, text, length, patch_t)
+    header = _header(cfg, family, vae, text, length, patch_t, config)
+    image = family.image if "conditioning" in header else None  # image-to-video: encode the first frame too
+    embedder = None
+    if image is not None and family.takes_image_embed(config):
+        from fastpost.components import load_image_encoder
+
+        embedder = load_image_encoder(cfg.image_encoder or cfg.vae, image.encoder_class, image.processor_class,
+                                      device=device, dtype=compute, allow_pickle=cfg.allow_pickle)
     if rank == 0 and not (root / shards.MANIFEST).is_file():
         shards.create_manifest(root, header)
     if world > 1:
@@ -440,6 +486,9 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
                 continue
             latents = pad_latent_frames(encode_video(vae, item["pixels"]), patch_t).to(dtype)
             samples.append({"latents": latents, "caption": row["caption"], "source": src, "bucket": item["bucket"]})
+            if image is not None:
+                cond = encode_image_condition(vae, image, item["pixels"], src, embedder)
+                samples[-1].update({k: v.to(dtype) for k, v in cond.items()})
         if samples:
             embeds, mask = text.encode([s["caption"] for s in samples], length)
             for s, e, m in zip(samples, embeds, mask):

@@ -4,6 +4,8 @@ Layout of a dataset folder:
   manifest.jsonl           line 1: {"type": "header", "format": "fastpost-shards", "version": 1, ...encoding info}
                            then one {"type": "shard", ...} line per *completed* shard
   shard-00000.safetensors  tensors s{i}.latents [C,F,H,W], s{i}.prompt_embeds [T,D], s{i}.prompt_attention_mask [T]
+                           and, for image-to-video, the header's conditioning.fields (e.g. s{i}.image_latents
+                           [C,1,H,W], the first frame's latent), read into batch["cond"]
   empty_prompt.safetensors the encoding of "" (prompt_embeds [T,D], prompt_attention_mask [T]) with the same text
                            encoder and length: the unconditional branch of guidance and caption dropout
   preprocess_report.json   written by preprocessing (counts, skipped inputs)
@@ -99,9 +101,12 @@ def write_shard(root: str | Path, index: int, samples: list[dict[str, Any]]) -> 
         missing = [k for k in TENSOR_FIELDS if k not in sample]
         if missing:
             raise ValueError(f"sample {i} for {shard_name(index)} lacks tensors {missing}")
-        record = {k: v for k, v in sample.items() if k not in TENSOR_FIELDS}
+        # conditioning tensors (image_latents, ...) are stored like the required ones
+        fields = [*TENSOR_FIELDS, *(k for k, v in sample.items()
+                                    if isinstance(v, torch.Tensor) and k not in TENSOR_FIELDS)]
+        record = {k: v for k, v in sample.items() if k not in fields}
         record["key"] = f"s{i}"
-        for k in TENSOR_FIELDS:
+        for k in fields:
             t = sample[k].detach().cpu().contiguous()
             tensors[f"s{i}.{k}"] = t
             record[f"{k}_shape"] = list(t.shape)
@@ -218,12 +223,28 @@ class SampleRef:
     bucket: str
 
 
-class ShardDataset:
-    """Map-style view over every sample of a shard folder; tensors are read lazily, one sample at a time."""
+def cond_fields(header: dict[str, Any]) -> tuple[str, ...]:
+    """The conditioning tensors every sample of a shard folder carries (its header's conditioning.fields)."""
+    cond = header.get("conditioning")
+    return tuple(cond.get("fields", ())) if isinstance(cond, dict) else ()
 
-    def __init__(self, root: str | Path, verify: bool = False) -> None:
+
+class ShardDataset:
+    """Map-style view over every sample of a shard folder; tensors are read lazily, one sample at a time.
+    require: conditioning fields the consumer needs (an image-to-video model's, e.g. ("image_latents",)): a folder
+    without them raises ShardError here."""
+
+    def __init__(self, root: str | Path, verify: bool = False, require: tuple[str, ...] = ()) -> None:
         self.root = Path(root)
         self.header, self.entries = read_manifest(self.root)
+        self.cond_fields = cond_fields(self.header)
+        lacking = [f for f in require if f not in self.cond_fields]
+        if lacking:
+            raise ShardError(f"the shards in {self.root} carry no {lacking} (conditioning: {list(self.cond_fields)}), "
+                             f"which an image-to-video model needs: preprocess the videos again with the I2V model's "
+                             f"pipeline (transformer=<its folder>) into a new output_dir, so the first frame is "
+                             f"encoded")
+        self.fields = (*TENSOR_FIELDS, *self.cond_fields)
         self.verify = verify
         self.samples: list[SampleRef] = [
             SampleRef(si, s["key"], tuple(s["latents_shape"]), s.get("caption", ""), s.get("source", ""),
@@ -276,7 +297,7 @@ class ShardDataset:
         verifying), its header, and each tensor's presence and manifest shape."""
         ref, record = self.samples[i], self._records[i]
         h = self._handle(ref.shard)
-        for k in TENSOR_FIELDS:
+        for k in self.fields:
             name = f"{ref.key}.{k}"
             try:
                 shape = list(h.get_slice(name).get_shape())
@@ -311,7 +332,7 @@ class ShardDataset:
         ref, record = self.samples[i], self._records[i]
         h = self._handle(ref.shard)
         out: dict[str, Any] = {"caption": ref.caption, "source": ref.source, "bucket": ref.bucket}
-        for k in TENSOR_FIELDS:
+        for k in self.fields:
             name = f"{ref.key}.{k}"
             try:
                 t = h.get_tensor(name)

@@ -20,6 +20,8 @@ What a family provides (everything the trainer, recipes, data and sampler need, 
   predict()        the model call built from a latent-shard batch (latents [B,C,F,H,W] as the VAE produces them)
   pipeline         PipelineFacts: what the diffusers pipeline defaults to (sampler, noise layout, fps, steps, ...)
   lora_targets     default LoRA target regex; conditioning: the inputs predict() is conditioned on
+  image            ImageConditioning (I2V): which transformer configs take the first frame, the tensors made from
+                   it (stored in the shards, passed to predict() as `cond`), and how they are encoded
   parallelize()    (1) SP processors + split/gather hooks, (2) activation checkpointing, (3) FSDP2, in that order
   apply_sequence_parallel()  step (1) alone (sampling with SP and unsharded weights)
   pipeline_class   the diffusers pipeline name (LoRA export through its save_lora_weights)
@@ -54,6 +56,31 @@ class PipelineFacts:
     steps: int = 50
     guidance_scale: float = 5.0
     size: tuple[int, int, int] | None = None  # (height, width, frames); None: transformer sample_* x VAE factors
+
+
+@dataclass(frozen=True)
+class ImageConditioning:
+    """Image-to-video: what a family's image-conditioned transformers take besides the text, made from the video's
+    first frame. Preprocessing stores `fields` in the shards, the loader batches them under batch["cond"], and
+    predict() receives them as `cond={field: tensor}`; `fastpost sample` makes them from `image=`."""
+
+    fields: tuple[str, ...]  # tensor names in shards, batch["cond"] and predict's cond, e.g. ("image_latents",)
+    applies: Callable[[Any], bool]  # (transformer config) -> whether that model takes an image (e.g. CogVideoX I2V)
+    # (vae, image_B3HW in [-1, 1], num_frames (pixels), generator or None) -> {field: tensor [B, ...]}: the pipeline's
+    # encoding of the image; generator None: the posterior mean (preprocessing: reproducible shards), else a sample
+    # drawn from it like the diffusers pipeline draws (sampling: same seed, same numbers)
+    encode: Callable[..., dict[str, torch.Tensor]]
+    # training augmentation, applied once per sample at preprocessing: first frame + sigma * randn with
+    # log(sigma) ~ N(mean, std) (None: the clean frame)
+    train_noise_log_sigma: tuple[float, float] | None = None
+    # an image encoder's embedding of the first frame (Wan 2.1 I2V: CLIP's penultimate hidden states), stored as
+    # `embed_field` for the configs `embed_applies` accepts; encoder and processor come from a pipeline folder's
+    # image_encoder/ and image_processor/ (fastpost.components.load_image_encoder)
+    embed_field: str | None = None
+    embed_applies: Callable[[Any], bool] | None = None
+    embed: Callable[..., torch.Tensor] | None = None  # (encoder, processor, images: list of PIL) -> [B, N, D]
+    encoder_class: str = "CLIPVisionModel"
+    processor_class: str = "CLIPImageProcessor"
 
 
 def sequence_parallel_on_blocks(processor_fn: Callable[[nn.Module, Any], None], gather_attr: str,
@@ -97,6 +124,7 @@ class ModelFamily:
     scheduler_samplers: Mapping[str, str] = field(default_factory=dict)  # scheduler class -> default sampler
     lora_targets: str | None = None  # regex over module names; None: attention projections of the blocks
     conditioning: tuple[str, ...] = ("text",)  # the inputs predict() is conditioned on (I2V adds "image")
+    image: ImageConditioning | None = None  # image-to-video models of the family (see takes_image)
     # regex renames (pattern, replacement) from diffusers module names to ComfyUI's native ones, for the
     # ComfyUI LoRA export; () keeps diffusers' names (ComfyUI families that load diffusers-named weights)
     comfy_names: tuple[tuple[str, str], ...] = ()
@@ -200,8 +228,46 @@ class ModelFamily:
         return self.lora_targets if self.lora_targets is not None else GENERIC_TARGETS
 
     def predict(self, model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: torch.Tensor,
-                prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-        return self.predict_fn(model, noisy_latents_BCFHW, timesteps_B, prompt_embeds_BTD, prompt_mask_BT)
+                prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None, *,
+                cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's prediction; `cond`: the image conditioning tensors (self.image.fields, batch["cond"]) of an
+        image-to-video model, passed to predict_fn as the keyword `cond` only when given (so text-to-video
+        predict_fns keep their 5 arguments)."""
+        if not cond:
+            return self.predict_fn(model, noisy_latents_BCFHW, timesteps_B, prompt_embeds_BTD, prompt_mask_BT)
+        if self.image is None:
+            raise ValueError(f"model family {self.name!r} has no image-to-video models, but image conditioning "
+                             f"{sorted(cond)} was given")
+        return self.predict_fn(model, noisy_latents_BCFHW, timesteps_B, prompt_embeds_BTD, prompt_mask_BT,
+                               cond=cond)
+
+    # ---- conditioning --------------------------------------------------------------------------------------------
+    def takes_image(self, config: Any) -> bool:
+        """Whether the transformer with this config is image-to-video (needs `cond` from the first frame)."""
+        return self.image is not None and config is not None and bool(self.image.applies(config))
+
+    def conditioning_inputs(self, config: Any) -> tuple[str, ...]:
+        """The inputs this transformer config is conditioned on: ("text",) or ("text", "image")."""
+        return (*self.conditioning, "image") if self.takes_image(config) else tuple(self.conditioning)
+
+    def takes_image_embed(self, config: Any) -> bool:
+        """Whether this I2V config also takes an image encoder's embedding (image.embed_field)."""
+        image = self.image
+        return (self.takes_image(config) and image.embed_field is not None
+                and (image.embed_applies is None or bool(image.embed_applies(config))))
+
+    def cond_fields(self, config: Any) -> tuple[str, ...]:
+        """The conditioning tensors predict() needs for this config (stored in the shards, batch["cond"])."""
+        if not self.takes_image(config):
+            return ()
+        return (*self.image.fields, *((self.image.embed_field,) if self.takes_image_embed(config) else ()))
+
+    @staticmethod
+    def latent_channels(config: Any) -> int:
+        """Channels of the video latents (the VAE's): out_channels, which I2V models' in_channels exceed by the
+        channels of the image conditioning they concatenate."""
+        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        return int(get("out_channels", None) or get("in_channels"))
 
     # ---- scheduler, noise schedule, pipeline defaults --------------------------------------------------------------
     @staticmethod
@@ -331,6 +397,7 @@ def get_family(name: str) -> ModelFamily:
     return family
 
 
-__all__ = ["ModelFamily", "PREDICTION_TYPES", "PipelineFacts", "available_families", "family_for_vae", "get_family",
+__all__ = ["ImageConditioning", "ModelFamily", "PREDICTION_TYPES", "PipelineFacts", "available_families",
+           "family_for_vae", "get_family",
            "resolve_family",
            "sequence_parallel_on_blocks"]

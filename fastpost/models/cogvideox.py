@@ -23,7 +23,7 @@ from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBloc
 from fastpost.components import TextSpec, VaeSpec
 from fastpost.distributed.fsdp import compute_dtype
 from fastpost.distributed.ulysses import SPState, shard_sequence
-from fastpost.models import ModelFamily, PipelineFacts, sequence_parallel_on_blocks
+from fastpost.models import ImageConditioning, ModelFamily, PipelineFacts, sequence_parallel_on_blocks
 
 _TINY = dict(
     num_attention_heads=3,  # 3 heads: divides neither sp=2 nor sp=4, so the head padding path is always exercised
@@ -55,6 +55,21 @@ FLAVORS = {
            "sample_frames": 49, "use_rotary_positional_embeddings": True},
     "1.5-5b": {**_REAL, "num_attention_heads": 48, "num_layers": 42, "sample_height": 300, "sample_width": 300,
                "sample_frames": 81, "patch_size_t": 2, "patch_bias": False, "use_rotary_positional_embeddings": True},
+    # Image-to-video (transformer/config.json of THUDM/CogVideoX-5b-I2V and CogVideoX1.5-5B-I2V): in_channels 32 =
+    # 16 noisy + 16 image latents. 5b-I2V adds a *learned* positional table over [text; video] at 60x90 latents
+    # (49 frames), so it only runs at 480x720 with 226 text tokens; 1.5-I2V adds the `ofs` embedding instead.
+    "5b-I2V": {**_REAL, "in_channels": 32, "num_attention_heads": 48, "num_layers": 42, "sample_height": 60,
+               "sample_width": 90, "sample_frames": 49, "use_rotary_positional_embeddings": True,
+               "use_learned_positional_embeddings": True},
+    "1.5-5b-I2V": {**_REAL, "in_channels": 32, "num_attention_heads": 48, "num_layers": 42, "sample_height": 300,
+                   "sample_width": 300, "sample_frames": 81, "patch_size_t": 2, "patch_bias": False,
+                   "use_rotary_positional_embeddings": True, "ofs_embed_dim": 512},
+    # tiny I2V layouts: 1.0-5b-I2V (RoPE + learned table, so latents must be 6x10 = 48x80 pixels, 9 frames) and
+    # 1.5-I2V (ofs); 3 latent frames of 3x5 patches = 45 video tokens, odd, so sp=2 pads
+    "debug-I2V": {**_TINY, "in_channels": 8, "use_rotary_positional_embeddings": True,
+                  "use_learned_positional_embeddings": True, "sample_height": 6, "sample_width": 10},
+    "debug-1.5-I2V": {**_TINY, "in_channels": 8, "use_rotary_positional_embeddings": True, "patch_size_t": 2,
+                      "patch_bias": False, "sample_height": 16, "sample_width": 16, "ofs_embed_dim": 4},
 }
 # Training noise schedule and sampler (scheduler/scheduler_config.json of the checkpoints). v-prediction DDPM
 # with zero-terminal-SNR betas; 2b shifts the SNR by 3, 5b and 1.5 do not.
@@ -143,12 +158,54 @@ def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
     return frames // (config.patch_size_t or 1) * (height // config.patch_size) * (width // config.patch_size)
 
 
+def is_image_to_video(config) -> bool:
+    """CogVideoX I2V transformers take [noisy; image] latents: in_channels = 2 x out_channels."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("out_channels", None) is not None and int(get("in_channels")) == 2 * int(get("out_channels"))
+
+
+@torch.no_grad()
+def encode_image(vae, image_B3HW: torch.Tensor, num_frames: int, generator: torch.Generator | None = None):
+    """The first-frame latent [B, C, 1, h, w] as CogVideoXImageToVideoPipeline.prepare_latents makes it: the VAE
+    posterior of the single frame (sampled with the pipeline's generator, or its mean for shards), times the VAE's
+    scaling_factor, or divided by it where the VAE config says invert_scale_latents (1.5). predict() pads it with
+    zeros over the remaining latent frames, as the pipeline does."""
+    p = next(vae.parameters())
+    dist = vae.encode(image_B3HW[:, :, None].to(device=p.device, dtype=p.dtype)).latent_dist
+    z = (dist.mean if generator is None else dist.sample(generator)).float()
+    scale = vae.config.scaling_factor
+    z = (1 / scale) * z if getattr(vae.config, "invert_scale_latents", False) else scale * z  # the pipeline's rounding
+    return {"image_latents": z}
+
+
+def image_condition(image_latents_BCFHW: torch.Tensor, frames: int) -> torch.Tensor:
+    """The image channels the I2V transformer concatenates: the first-frame latent, then zeros up to `frames`.
+    (CogVideoXImageToVideoPipeline: 1.0 pads the 13 latent frames with 12 zero frames; 1.5 pads to the already
+    patch_size_t-padded count, so the image sits in frame 0 there too.)"""
+    b, c, f, h, w = image_latents_BCFHW.shape
+    if f > frames:
+        raise ValueError(f"image conditioning has {f} latent frames, the video only {frames}")
+    return torch.cat([image_latents_BCFHW, image_latents_BCFHW.new_zeros(b, c, frames - f, h, w)], dim=2)
+
+
 def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: torch.Tensor,
-            prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+            prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None,
+            cond: dict | None = None) -> torch.Tensor:
     """The v-prediction [B, C, F, H, W] for DDPM timesteps (integers in [0, 1000)). Latents and text are cast to
     the compute dtype, the timesteps are not. CogVideoX attends to every text token (its pipelines pad prompts
-    to 226 tokens and pass no mask), so prompt_mask_BT is not used."""
+    to 226 tokens and pass no mask), so prompt_mask_BT is not used. I2V models (in_channels 2C) take
+    cond["image_latents"] [B, C, 1, H, W], concatenated on channels after zero padding over the frames."""
     cfg = model.config
+    if is_image_to_video(cfg):
+        if not cond or cond.get("image_latents") is None:
+            raise ValueError("this CogVideoX transformer is image-to-video (in_channels = 2 x out_channels) and needs "
+                             "the first frame's image_latents: preprocess with its pipeline (transformer=<dir>) so "
+                             "the shards carry them, or sample with image=<path>")
+        image = cond["image_latents"].to(noisy_latents_BCFHW)
+        if image.shape[0] != noisy_latents_BCFHW.shape[0]:
+            image = image.expand(noisy_latents_BCFHW.shape[0], *image.shape[1:])
+        noisy_latents_BCFHW = torch.cat([noisy_latents_BCFHW, image_condition(image, noisy_latents_BCFHW.shape[2])],
+                                        dim=1)
     _, _, frames, height, width = noisy_latents_BCFHW.shape
     if cfg.patch_size_t is not None and frames % cfg.patch_size_t:
         raise ValueError(f"CogVideoX 1.5 needs latent frames divisible by patch_size_t={cfg.patch_size_t}, got "
@@ -221,6 +278,11 @@ FAMILY = ModelFamily(
     scheduler_samplers={"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"},
     lora_targets=LORA_TARGETS,
     comfy_names=COMFY_NAMES,
+    # I2V (5b-I2V, 1.5-5b-I2V): the first frame's latent. Training noise as diffusers'
+    # examples/cogvideo/train_cogvideox_image_to_video_lora.py (and CogVideo's own finetune): the frame's pixels get
+    # Gaussian noise of sigma = exp(N(-3, 0.5)) before the VAE, once per clip when latents are computed
+    image=ImageConditioning(fields=("image_latents",), applies=is_image_to_video, encode=encode_image,
+                            train_noise_log_sigma=(-3.0, 0.5)),
     # CogVideoX 1.0 was trained at 8 fps, 1.5 (the configs with patch_size_t) at 16
     training_fps_fn=lambda config: 16 if config is not None and dict(config).get("patch_size_t") else 8,
     notes=dict(text_encoder="t5-v1_1-xxl", latent_layout="BCFHW (transformer: BFCHW)"),

@@ -26,7 +26,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from fastpost.components import TextSpec, VaeSpec
 from fastpost.distributed.fsdp import compute_dtype
 from fastpost.distributed.ulysses import SPState, shard_sequence
-from fastpost.models import ModelFamily, PipelineFacts, sequence_parallel_on_blocks
+from fastpost.models import ImageConditioning, ModelFamily, PipelineFacts, sequence_parallel_on_blocks
 
 _TINY = dict(
     patch_size=(1, 2, 2),
@@ -116,11 +116,63 @@ def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
     return frames // p_t * (height // p_h) * (width // p_w)
 
 
+def is_image_to_video(config) -> bool:
+    """Wan 2.1 I2V / 2.2 A14B I2V take [noisy; frame mask; first-frame latents] (in_channels 36 = 16 + 4 + 16)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("out_channels", None) is not None and int(get("in_channels")) > int(get("out_channels"))
+
+
+def takes_clip(config) -> bool:
+    """Wan 2.1 I2V also attends to CLIP image tokens (image_dim); Wan 2.2 A14B I2V does not."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("image_dim", None) is not None
+
+
+@torch.no_grad()
+def encode_image(vae, image_B3HW: torch.Tensor, num_frames: int, generator=None) -> dict[str, torch.Tensor]:
+    """WanImageToVideoPipeline.prepare_latents: the first frame followed by num_frames - 1 black frames, through
+    the VAE (the posterior's mode, no sampling), normalised (z - mean) * (1 / std): [B, C, F_lat, h, w]."""
+    p = next(vae.parameters())
+    b, _, h, w = image_B3HW.shape
+    video = torch.cat([image_B3HW[:, :, None], image_B3HW.new_zeros(b, 3, num_frames - 1, h, w)], dim=2)
+    z = vae.encode(video.to(device=p.device, dtype=p.dtype)).latent_dist.mode().float()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
+    return {"image_latents": (z - mean) * inv_std}
+
+
+@torch.no_grad()
+def embed_image(encoder, processor, images: list) -> torch.Tensor:
+    """WanImageToVideoPipeline.encode_image: the CLIP processor, then the encoder's penultimate hidden states."""
+    p = next(encoder.parameters())
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(p.device, p.dtype)
+    return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2].float()
+
+
 def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: torch.Tensor,
-            prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+            prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None,
+            cond: dict | None = None) -> torch.Tensor:
     """Flow-matching velocity noise - x0 [B, C, F, H, W] at t = 1000 * sigma: Wan's own convention, called the way
     WanPipeline calls it. timesteps_B may be per token [B, S] (Wan 2.2 TI2V's expand_timesteps). Wan attends to
-    every text token (WanPipeline zero-pads prompts to 512 and passes no mask), so prompt_mask_BT is not used."""
+    every text token (WanPipeline zero-pads prompts to 512 and passes no mask), so prompt_mask_BT is not used.
+    I2V (in_channels > out_channels) takes cond["image_latents"] [B, C, F, H, W] (encode_image) and, with
+    image_dim, cond["image_embeds"] [B, N, image_dim] (CLIP), as WanImageToVideoPipeline feeds them."""
+    cfg = model.config
+    image_embeds = None
+    if is_image_to_video(cfg):
+        missing = [k for k in ("image_latents", *(("image_embeds",) if takes_clip(cfg) else ()))
+                   if not cond or cond.get(k) is None]
+        if missing:
+            raise ValueError(f"this Wan transformer is image-to-video and needs {missing}: preprocess with its "
+                             f"pipeline (transformer=<dir>) so the shards carry them, or sample with image=<path>")
+        x = noisy_latents_BCFHW
+        image = cond["image_latents"].to(x).expand(x.shape[0], -1, -1, -1, -1)
+        # the frame mask (WanImageToVideoPipeline): its temporal-factor channels are 1 on the first latent frame
+        mask = x.new_zeros(x.shape[0], cfg.in_channels - 2 * cfg.out_channels, *x.shape[2:])
+        mask[:, :, 0] = 1
+        noisy_latents_BCFHW = torch.cat([x, mask, image], dim=1)
+        if takes_clip(cfg):
+            image_embeds = cond["image_embeds"].expand(x.shape[0], -1, -1)
     p_t, p_h, p_w = model.config.patch_size
     _, _, frames, height, width = noisy_latents_BCFHW.shape
     if frames % p_t or height % p_h or width % p_w:
@@ -128,7 +180,9 @@ def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: to
                          f"{(p_t, p_h, p_w)}")
     dtype = compute_dtype(model)  # latents and text in the compute dtype; timesteps stay as given
     return model(hidden_states=noisy_latents_BCFHW.to(dtype), timestep=timesteps_B,
-                 encoder_hidden_states=prompt_embeds_BTD.to(dtype), return_dict=False)[0]
+                 encoder_hidden_states=prompt_embeds_BTD.to(dtype),
+                 encoder_hidden_states_image=None if image_embeds is None else image_embeds.to(dtype),
+                 return_dict=False)[0]
 
 
 # ---- parallelism --------------------------------------------------------------------------------------------------
@@ -204,6 +258,9 @@ FAMILY = ModelFamily(
     blocks_attr="blocks",
     # Wan 2.1 and 2.2 A14B were trained at 16 fps, 2.2 TI2V-5B (48 latent channels: the 2.2 VAE) at 24
     training_fps_fn=lambda config: 24 if config is not None and dict(config).get("in_channels") == 48 else 16,
+    # Wan 2.1 I2V (+ CLIP image tokens) and 2.2 A14B I2V: the first frame as WanImageToVideoPipeline encodes it
+    image=ImageConditioning(fields=("image_latents",), applies=is_image_to_video, encode=encode_image,
+                            embed_field="image_embeds", embed_applies=takes_clip, embed=embed_image),
     notes=dict(text_encoder="umt5-xxl", latent_layout="BCFHW", boundary_ratios=BOUNDARY_RATIOS,
                model_convention="timestep 1000 * sigma, predicts noise - x0 (fastpost's own)"),
 )

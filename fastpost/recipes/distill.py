@@ -31,7 +31,7 @@ from fastpost.data.shards import read_empty_prompt
 from fastpost.distributed.fsdp import reshard_all
 from fastpost.noise import OdeGrid, even_edges, linear_quadratic_sigmas, make_grid, phase_edges  # noqa: F401
 from fastpost.recipes import Recipe, RecipeContext, Trainable
-from fastpost.recipes.finetune import CaptionDropout
+from fastpost.recipes.finetune import CaptionDropout, conditioning
 
 
 @dataclass
@@ -61,21 +61,23 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
 
 
 # ---- model calls -------------------------------------------------------------------------------------------------
-def guided_prediction(family, model, grid: OdeGrid, x, idx, embeds, mask, w: float, neg=None):
-    """Model prediction at grid points idx; with w != 1 the classifier-free-guided one (one batched pass)."""
+def guided_prediction(family, model, grid: OdeGrid, x, idx, embeds, mask, w: float, neg=None, cond=None):
+    """Model prediction at grid points idx; with w != 1 the classifier-free-guided one (one batched pass).
+    cond: image-to-video conditioning, the same for both guidance branches (as the I2V pipelines)."""
     t = grid.model_t[idx].to(x.device, torch.float32 if grid.prediction_type == "flow_matching" else torch.int64)
     if w == 1.0:
-        return family.predict(model, x.float(), t, embeds, mask).double()
+        return family.predict(model, x.float(), t, embeds, mask, **({"cond": cond} if cond else {})).double()
     neg_embeds, neg_mask = neg
+    cond2 = {"cond": {k: torch.cat([v, v]) for k, v in cond.items()}} if cond else {}
     out = family.predict(model, torch.cat([x, x]).float(), torch.cat([t, t]), torch.cat([neg_embeds, embeds]),
-                         torch.cat([neg_mask, mask]))
-    uncond, cond = out.double().chunk(2)
-    return uncond + w * (cond - uncond)
+                         torch.cat([neg_mask, mask]), **cond2)
+    out_uncond, out_cond = out.double().chunk(2)
+    return out_uncond + w * (out_cond - out_uncond)
 
 
 @torch.no_grad()
 def phased_sample(family, model, grid: OdeGrid, edges: torch.Tensor, noise: torch.Tensor, embeds, mask,
-                  w: float = 1.0, neg=None) -> torch.Tensor:
+                  w: float = 1.0, neg=None, cond=None) -> torch.Tensor:
     """Deterministic multi-phase sampler: one DDIM jump per phase, from grid point edges[0]=0 to edges[-1]=N.
 
     With the student it is the few-step sampler; with the teacher and edges = 0..N it is its N-step DDIM/Euler.
@@ -83,7 +85,7 @@ def phased_sample(family, model, grid: OdeGrid, edges: torch.Tensor, noise: torc
     x = grid.b[0] * noise.double()  # point 0 is (almost) pure noise: a_0 = 0 for flow and zero-terminal-SNR VP
     for src, dst in zip(edges[:-1].tolist(), edges[1:].tolist()):
         idx = torch.full((x.shape[0],), src)
-        pred = guided_prediction(family, model, grid, x, idx, embeds, mask, w, neg)
+        pred = guided_prediction(family, model, grid, x, idx, embeds, mask, w, neg, cond)
         x = grid.ddim(x, pred, idx, torch.full((x.shape[0],), dst))
     return x.float()
 
@@ -206,6 +208,7 @@ class Distill(Recipe):
         n = torch.randint(0, cfg.num_teacher_steps, (bsz,), generator=generator)
         w = cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * torch.rand((), generator=generator).item()
         embeds, mask = self.dropout(embeds, mask, generator)  # after the draws above: p = 0 changes none of them
+        cond = conditioning(batch, x0.device)  # image-to-video: the first frame's latents (student, teacher, target)
         edge = self.phase_end[n]
         n_next = torch.minimum(n + cfg.skip_steps, edge)
         a, b = grid.coeffs(n, x0)
@@ -213,16 +216,17 @@ class Distill(Recipe):
         neg = self.negative(embeds, mask) if w != 1.0 else None
         with torch.no_grad():
             with self._as_teacher() as teacher:
-                teacher_pred = guided_prediction(self.family, teacher, grid, x_n, n, embeds, mask, w, neg)
+                teacher_pred = guided_prediction(self.family, teacher, grid, x_n, n, embeds, mask, w, neg, cond)
             x_hat = grid.ddim(x_n, teacher_pred, n, n_next)
             with self._as_target() as target_model:
-                target_pred = guided_prediction(self.family, target_model, grid, x_hat, n_next, embeds, mask, 1.0)
+                target_pred = guided_prediction(self.family, target_model, grid, x_hat, n_next, embeds, mask, 1.0,
+                                                cond=cond)
             target = grid.ddim(x_hat, target_pred, n_next, edge)  # == x_hat where n_next is the edge
         # FSDP keeps a forward-only model's root gathered; drop it so the EMA update below is seen next step
         for frozen in (self.teacher, self.target):
             if frozen is not None:
                 reshard_all(frozen)
-        student_pred = guided_prediction(self.family, self.student, grid, x_n, n, embeds, mask, 1.0)
+        student_pred = guided_prediction(self.family, self.student, grid, x_n, n, embeds, mask, 1.0, cond=cond)
         f = grid.ddim(x_n, student_pred, n, edge)
         return pseudo_huber(f, target, cfg.huber_c), {"grid_index": n.float().mean(), "w": w}
 

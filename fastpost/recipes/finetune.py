@@ -71,6 +71,24 @@ class FinetuneConfig:
     # probability that a sample's caption is replaced by "" (its encoding is stored with the shards), so the
     # model keeps an unconditional prediction for classifier-free guidance
     caption_dropout: float = 0.0
+    # image-to-video: probability that a sample's image conditioning is zeroed (diffusers' CogVideoX I2V trainer's
+    # --noised_image_dropout, 0.05 there), so the model also learns to continue without the frame
+    image_dropout: float = 0.0
+
+
+def conditioning(batch, device) -> dict:
+    """batch["cond"] (the shards' image-to-video tensors, fastpost.data.loader.collate) on the model's device."""
+    return {k: v.to(device) for k, v in (batch.get("cond") or {}).items()}
+
+
+def drop_conditioning(cond: dict, p: float, generator: torch.Generator) -> dict:
+    """Each sample's conditioning tensors zeroed with probability p (drawn from the batch generator, so SP peers
+    drop the same samples); p = 0 draws nothing."""
+    if not cond or p <= 0:
+        return cond
+    batch = next(iter(cond.values())).shape[0]
+    keep_B = (torch.rand(batch, generator=generator) >= p)
+    return {k: v * keep_B.to(v.device, v.dtype).view(-1, *[1] * (v.dim() - 1)) for k, v in cond.items()}
 
 
 class LossWeighting(nn.Module):
@@ -107,6 +125,8 @@ class Finetune(Recipe):
             self.family, ctx.spec.pretrained if ctx.spec is not None else None,
             ctx.train_cfg.model.flavor if ctx.train_cfg is not None else None))
         self.dropout = CaptionDropout(cfg.caption_dropout, ctx.train_cfg.data.path if ctx.train_cfg else None)
+        if not 0.0 <= cfg.image_dropout <= 1.0:
+            raise ValueError(f"recipe_args.image_dropout must be a probability in [0, 1], got {cfg.image_dropout}")
         self.expert_range = getattr(ctx.spec, "expert_range", None)
         if self.expert_range is not None and self.noise.prediction_type != "flow_matching":
             raise ValueError("model.expert (one expert of a two-expert model) needs a flow-matching family")
@@ -129,7 +149,9 @@ class Finetune(Recipe):
         timestep = self.noise.model_timestep(t)
         # drawn after the noise and times, so caption_dropout=0 leaves every earlier draw as it was
         embeds, mask = self.dropout(batch["prompt_embeds"], batch["prompt_attention_mask"], generator)
-        pred = self.family.predict(self.model, x_t, timestep, embeds, mask)
+        # image-to-video: the first frame's conditioning (empty for text-to-video shards)
+        cond = drop_conditioning(conditioning(batch, x0.device), self.cfg.image_dropout, generator)
+        pred = self.family.predict(self.model, x_t, timestep, embeds, mask, **({"cond": cond} if cond else {}))
         target = self.noise.target(x0, eps, t)
         c = timestep.float() / 1000  # the noise level in [0, 1]
         if self.weighting is None:

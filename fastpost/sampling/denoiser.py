@@ -61,22 +61,29 @@ class Denoiser:
         """Pipeline layout <-> BCFHW (family.predict's layout); a swap of dims 1 and 2, so its own inverse."""
         return x.permute(0, 2, 1, 3, 4) if self.layout == "BFCHW" else x
 
-    def predict(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor):
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+                image_cond: dict | None = None):
         x = self.to_bcfhw(latents).to(self.dtype)
+        if image_cond:  # the same image for every row (both CFG halves, as the I2V pipelines)
+            image_cond = {k: v.to(self.dtype).expand(x.shape[0], *v.shape[1:]) for k, v in image_cond.items()}
+        kw = {"cond": image_cond} if image_cond else {}  # text-to-video families keep their 5-argument predict
         model = self._expert(t)[0]
-        return self.to_bcfhw(self.family.predict(model, x, t.expand(x.shape[0]), embeds, mask).float())
+        return self.to_bcfhw(self.family.predict(model, x, t.expand(x.shape[0]), embeds, mask, **kw).float())
 
-    def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond, uncond) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond, uncond,
+                 image_cond: dict | None = None) -> torch.Tensor:
+        """image_cond: an image-to-video model's conditioning (family.image.fields, batch 1), shared by both halves."""
         if uncond is None:
-            return self.predict(latents, t, *cond)
+            return self.predict(latents, t, *cond, image_cond)
         if self.strategy == "batched":
             out = self.predict(torch.cat([latents, latents]), t, torch.cat([uncond[0], cond[0]]),
-                               torch.cat([uncond[1], cond[1]]))
+                               torch.cat([uncond[1], cond[1]]), image_cond)
             out_uncond, out_cond = out.chunk(2)
         elif self.strategy == "sequential":
-            out_uncond, out_cond = self.predict(latents, t, *uncond), self.predict(latents, t, *cond)
+            out_uncond = self.predict(latents, t, *uncond, image_cond)
+            out_cond = self.predict(latents, t, *cond, image_cond)
         else:
-            mine = self.predict(latents, t, *(cond if self.cfg_rank == 1 else uncond)).contiguous()
+            mine = self.predict(latents, t, *(cond if self.cfg_rank == 1 else uncond), image_cond).contiguous()
             halves = [torch.empty_like(mine) for _ in range(2)]
             dist.all_gather(halves, mine, group=self.cfg_group)
             out_uncond, out_cond = halves

@@ -59,6 +59,7 @@ class SampleModelConfig:
     lora: str | None = None  # diffusers-format LoRA dir (pytorch_lora_weights.safetensors)
     lora_scale: float = 1.0
     text_encoder: str | None = None  # default: `pretrained`
+    image_encoder: str | None = None  # image-to-video with an image encoder (Wan 2.1 I2V's CLIP); default: `pretrained`
     vae: str | None = None  # default: `pretrained`
     init_seed: int = 0  # random init without `pretrained` (must match the training run's for its checkpoints)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # transformer, text encoder, VAE
@@ -79,7 +80,9 @@ class SampleParallelConfig:
 @dataclass
 class SampleConfig:
     prompt: str | None = None
-    prompt_file: str | None = None  # text (one prompt per line) or .jsonl ({"prompt", "negative_prompt", "seed"})
+    prompt_file: str | None = None  # text (one prompt per line) or .jsonl ({"prompt", "negative_prompt", "seed",
+    #                                 "image"})
+    image: str | None = None  # image-to-video models: the first frame (a path); a .jsonl line's "image" wins
     negative_prompt: str = ""  # "" is what both pipelines use by default
     output_dir: str = "outputs/samples"
     height: int | None = None  # None: the family pipeline's default
@@ -159,14 +162,30 @@ def resolve_geometry(cfg: SampleConfig, family, model_config, vae_config: dict) 
         lo = max(0, (f - 1) // temporal) * temporal + 1
         raise SampleError(f"num_frames={f} is not valid for the {vae_config['_class_name']} VAE: it needs "
                           f"{temporal}k+1 frames (e.g. {lo} or {lo + temporal})")
+    channels = family.latent_channels(model_config)  # an I2V transformer's in_channels also count the image's
     latent_channels = family.vae.latent_channels(vae_config)
-    if latent_channels != model_config.in_channels:
-        raise SampleError(f"the VAE has {latent_channels} latent channels but the transformer takes "
-                          f"{model_config.in_channels}: model.vae does not belong to this model")
+    if latent_channels != channels:
+        raise SampleError(f"the VAE has {latent_channels} latent channels but the transformer takes {channels}: "
+                          f"model.vae does not belong to this model")
     latent_frames = (f - 1) // temporal + 1
     pad = (pt - latent_frames % pt) % pt
-    shape = (1, model_config.in_channels, latent_frames + pad, h // spatial, w // spatial)
+    shape = (1, channels, latent_frames + pad, h // spatial, w // spatial)
     return Geometry(h, w, f, shape, pad)
+
+
+def check_images(items: list[PromptItem], takes_image: bool, family: str) -> None:
+    """An image-to-video model needs an image for every prompt; a text-to-video model takes none."""
+    if takes_image:
+        missing = [i for i, it in enumerate(items) if it.image is None]
+        if missing:
+            raise SampleError(f"the {family} transformer is image-to-video: pass image=<path> (or an \"image\" key "
+                              f"on every .jsonl line); prompts {missing[:5]} have none")
+        absent = [it.image for it in items if not Path(it.image).is_file()]
+        if absent:
+            raise SampleError(f"image {absent[0]!r} does not exist")
+    elif any(it.image is not None for it in items):
+        raise SampleError(f"image= was given but the {family} transformer is text-to-video (it takes no image); "
+                          f"use an image-to-video checkpoint or drop image")
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
@@ -190,7 +209,8 @@ class VideoSampler:
                               f"`fastpost sample` needs both (see docs/models.md for its own sampler)")
         # the loop runs in the pipeline's latent layout: stochastic samplers (DPM) then draw the same step noise
         self.layout = self.facts.noise_layout
-        self.items: list[PromptItem] = read_prompts(cfg.prompt, cfg.prompt_file, cfg.negative_prompt, cfg.seed)
+        self.items: list[PromptItem] = read_prompts(cfg.prompt, cfg.prompt_file, cfg.negative_prompt, cfg.seed,
+                                                    cfg.image)
         self.dtype = DTYPES[m.dtype]
         self.vae_dir = _component_dir(m.vae, m.pretrained, "vae", "VAE")
         _component_dir(m.text_encoder, m.pretrained, "text_encoder", "text encoder")  # checked here, loaded in 5.
@@ -206,6 +226,8 @@ class VideoSampler:
             raise SampleError(str(e)) from None
         self.vae_config = json.loads((self.vae_dir / "config.json").read_text())
         self.geometry = resolve_geometry(cfg, self.family, model.config, self.vae_config)
+        self.takes_image = self.family.takes_image(model.config)
+        check_images(self.items, self.takes_image, self.family.name)
         self.text_length = cfg.max_text_length or self.family.text.max_length(model.config)
         if not self.text_length:
             raise SampleError(f"set max_text_length: the transformer config has no "
@@ -240,6 +262,7 @@ class VideoSampler:
         self.denoiser = Denoiser(self.family, self.model, self.dtype, self.layout, self.guidance, cfg.dynamic_cfg,
                                  self.steps, strategy, self.mesh.cfg_group, self.mesh.cfg_rank, self.low_noise)
         self.vae = None
+        self._embedder = None  # (image encoder, processor), loaded on first use
 
     def _low_noise_expert(self, spec: ModelSpec) -> LowNoiseExpert | None:
         """A two-expert pipeline folder (model_index.json names a transformer_2 and a boundary_ratio, as Wan 2.2
@@ -284,6 +307,42 @@ class VideoSampler:
             dist.broadcast(noise, group=self.mesh.replica_group, group_src=0)
         return noise
 
+    def _load_vae(self):
+        from fastpost.components import load_vae
+
+        if self.vae is None:
+            self.vae = load_vae(self.vae_dir, device=self.device, dtype=self.dtype, spec=self.family.vae,
+                                allow_pickle=self.cfg.model.allow_pickle)
+            if self.cfg.vae_tiling:
+                self.vae.enable_tiling()
+        return self.vae
+
+    def image_condition(self, path: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The image-to-video conditioning of `path` as the family's I2V pipeline makes it: resized with the
+        pipeline's VideoProcessor, encoded by the VAE with a posterior sample from the video's generator (before the
+        noise draw, like the pipeline), identical on every rank of the replica. Every rank encodes (so every
+        generator advances alike), then rank 0's tensors are broadcast."""
+        from diffusers.utils import load_image
+        from diffusers.video_processor import VideoProcessor
+
+        spatial, _ = self.family.vae_factors(self.vae_config)
+        image = VideoProcessor(vae_scale_factor=spatial).preprocess(
+            load_image(path), height=self.geometry.height, width=self.geometry.width).to(self.device, self.dtype)
+        out = self.family.image.encode(self._load_vae(), image, self.geometry.num_frames, generator)
+        if self.family.takes_image_embed(self.model.config):  # e.g. Wan 2.1 I2V: CLIP on the image as given
+            from fastpost.components import load_image_encoder
+
+            spec, m = self.family.image, self.cfg.model
+            if self._embedder is None:
+                self._embedder = load_image_encoder(m.image_encoder or m.pretrained, spec.encoder_class,
+                                                    spec.processor_class, self.device, self.dtype, m.allow_pickle)
+            out[spec.embed_field] = spec.embed(*self._embedder, [load_image(path)])
+        out = {k: v.to(self.device, torch.float32).contiguous() for k, v in out.items()}
+        if self.mesh.replica_group is not None:
+            for v in out.values():
+                dist.broadcast(v, group=self.mesh.replica_group, group_src=0)
+        return out
+
     @torch.no_grad()
     def generate(self, index: int) -> torch.Tensor:
         """Final latents (BCFHW, fp32, with any pipeline padding frames) of prompt `index`; collective over the
@@ -292,6 +351,7 @@ class VideoSampler:
         item = self.items[index]
         ctx = self._sampler_ctx(item.seed)
         sampler = build_sampler(self.sampler_name, self.cfg.sampler_args, ctx)
+        image = self.image_condition(item.image, ctx.generator) if self.takes_image else None
         latents = self.initial_noise(ctx.generator) * sampler.init_noise_sigma
         cond = tuple(x[index:index + 1].to(self.device) for x in self.cond)
         uncond = None if self.uncond is None else tuple(x[index:index + 1].to(self.device) for x in self.uncond)
@@ -299,7 +359,7 @@ class VideoSampler:
         bar = Progress(len(timesteps), f"video {index}", self.cfg.progress_bar and self.rank == 0)
         try:
             for i, t in enumerate(timesteps):
-                pred = self.denoiser(latents, t, cond, uncond)
+                pred = self.denoiser(latents, t, cond, uncond, image_cond=image)
                 latents = sampler.step(pred, i, t, latents).float()
                 bar.update()
         finally:
@@ -310,13 +370,9 @@ class VideoSampler:
     @torch.no_grad()
     def decode(self, latents_BCFHW: torch.Tensor):
         """uint8 frames [B, F, H, W, 3]; the family's VAE loaded on first use (replica leaders only)."""
-        from fastpost.components import denormalize_latents, load_vae
+        from fastpost.components import denormalize_latents
 
-        if self.vae is None:
-            self.vae = load_vae(self.vae_dir, device=self.device, dtype=self.dtype, spec=self.family.vae,
-                                allow_pickle=self.cfg.model.allow_pickle)
-            if self.cfg.vae_tiling:
-                self.vae.enable_tiling()
+        self._load_vae()
         z = latents_BCFHW[:, :, self.geometry.pad_frames:]
         z = denormalize_latents(self.vae, z.to(self.vae.dtype))
         return to_uint8_frames(self.vae.decode(z, return_dict=False)[0])
@@ -324,8 +380,8 @@ class VideoSampler:
     def metadata(self, index: int, frames, timings: dict[str, float]) -> dict[str, Any]:
         it, g, cfg = self.items[index], self.geometry, self.cfg
         return {
-            "prompt": it.prompt, "negative_prompt": it.negative_prompt, "seed": it.seed, "steps": self.steps,
-            "guidance_scale": self.guidance,
+            "prompt": it.prompt, "negative_prompt": it.negative_prompt, "seed": it.seed, "image": it.image,
+            "steps": self.steps, "guidance_scale": self.guidance,
             "guidance_scale_2": self.low_noise.guidance if self.low_noise is not None else None,
             "dynamic_cfg": cfg.dynamic_cfg, "sampler": self.sampler_name,
             "sampler_args": cfg.sampler_args, "scheduler_config": self.scheduler_config,

@@ -28,17 +28,20 @@ class PromptItem:
     prompt: str
     negative_prompt: str
     seed: int
+    image: str | None = None  # image-to-video: the first frame (a path)
 
 
-def read_prompts(prompt: str | None, prompt_file: str | None, negative_prompt: str, seed: int) -> list[PromptItem]:
-    """`prompt`, or a file: `.jsonl` (objects with "prompt", optional "negative_prompt" and "seed") or plain text
-    (one prompt per non-empty line). Video i gets seed `seed + i` unless its line names one."""
+def read_prompts(prompt: str | None, prompt_file: str | None, negative_prompt: str, seed: int,
+                 image: str | None = None) -> list[PromptItem]:
+    """`prompt`, or a file: `.jsonl` (objects with "prompt", optional "negative_prompt", "seed" and "image") or
+    plain text (one prompt per non-empty line). Video i gets seed `seed + i` unless its line names one, and the
+    image `image` unless its line names one (a relative path is relative to the prompt file's folder)."""
     if (prompt is None) == (prompt_file is None):
         raise SampleError("pass exactly one of prompt (--prompt) and prompt_file (--prompt-file)")
     if prompt is not None:
         if not prompt.strip():
             raise SampleError("the prompt is empty")
-        return [PromptItem(prompt, negative_prompt, seed)]
+        return [PromptItem(prompt, negative_prompt, seed, image)]
     path = Path(prompt_file)
     if not path.is_file():
         raise SampleError(f"prompt file {str(path)!r} does not exist; pass a text file (one prompt per line) or a "
@@ -54,13 +57,17 @@ def read_prompts(prompt: str | None, prompt_file: str | None, negative_prompt: s
                 raise SampleError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise SampleError(f"{path}:{lineno}: each line must be an object with a string \"prompt\"")
-            unknown = sorted(set(row) - {"prompt", "negative_prompt", "seed"})
+            unknown = sorted(set(row) - {"prompt", "negative_prompt", "seed", "image"})
             if unknown:
-                raise SampleError(f"{path}:{lineno}: unknown key(s) {unknown}; allowed: prompt, negative_prompt, seed")
+                raise SampleError(f"{path}:{lineno}: unknown key(s) {unknown}; allowed: prompt, negative_prompt, seed, "
+                                  f"image")
+            if "image" in row and not isinstance(row["image"], str):
+                raise SampleError(f"{path}:{lineno}: \"image\" must be a path (a string)")
+            line_image = str(path.parent / row["image"]) if "image" in row else image
             items.append(PromptItem(row["prompt"], row.get("negative_prompt", negative_prompt),
-                                    int(row.get("seed", seed + len(items)))))
+                                    int(row.get("seed", seed + len(items))), line_image))
         else:
-            items.append(PromptItem(line.strip(), negative_prompt, seed + len(items)))
+            items.append(PromptItem(line.strip(), negative_prompt, seed + len(items), image))
     if not items:
         raise SampleError(f"prompt file {str(path)!r} holds no prompts")
     return items
