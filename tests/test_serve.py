@@ -1,0 +1,193 @@
+"""`fastpost serve` through its API (gradio_client), on the tiny CogVideoX pipeline at Ulysses sp=2 on CPU gloo:
+outputs equal `fastpost sample` with the same settings, bad requests get a message and the next request works,
+request paths stay inside their folders, and a killed worker makes the server say so and exit non-zero.
+
+One server (two processes, started as torchrun would start them) serves the whole module, in test order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gradio", reason="the serve extra is not installed: pip install -e '.[serve]'")
+from gradio_client import Client  # noqa: E402
+
+from fastpost.distributed.parallel_dims import free_port  # noqa: E402
+from fastpost.sampling import SampleError, main as sample_main  # noqa: E402
+from fastpost.serve.paths import confined, list_loras  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"height": 48, "width": 80, "num_frames": 9, "steps": 2}  # 45 video tokens: sp=2 pads
+REQ_A = dict(prompt="a red ball", negative_prompt="blue square", steps=3, guidance_scale=5.0, seed=5, height=32,
+             width=48, num_frames=5, sampler="dpm", lora="good", lora_scale=0.7)
+REQ_B = dict(prompt="green tree", negative_prompt="", steps=2, guidance_scale=4.0, seed=3, height=48, width=80,
+             num_frames=9, sampler="ddim", lora="", lora_scale=1.0)
+FIELDS = ["prompt", "negative_prompt", "steps", "guidance_scale", "seed", "height", "width", "num_frames", "sampler",
+          "lora", "lora_scale", "image"]
+
+
+def _write_lora(out: Path) -> None:
+    """A diffusers-format LoRA for the debug flavor (adapter weights perturbed, alpha != rank)."""
+    import diffusers
+    from peft import get_peft_model_state_dict
+
+    from fastpost.lora import LoRAConfig, inject_lora
+    from fastpost.models import get_family
+
+    model = get_family("cogvideox").load(None, "debug")
+    inject_lora(model, LoRAConfig(enabled=True, rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    diffusers.CogVideoXPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(model),
+                                                  transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
+
+
+def _overrides(pipe: Path) -> list[str]:
+    return [f"model.pretrained={pipe}", *(f"{k}={v}" for k, v in BASE.items()), "save_latents=true",
+            "progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from tests.test_sampling import _pipeline
+
+    root = tmp_path_factory.mktemp("serve")
+    pipe = _pipeline("cogvideox", root)
+    loras = root / "loras"
+    _write_lora(loras / "good")
+    (loras / "broken").mkdir()
+    (loras / "broken" / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    shutil.copytree(loras / "good", root / "secret")  # a valid LoRA outside the folder: only confinement stops it
+    port, out = free_port(), root / "out"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "fastpost.cli", "serve", "--config", "configs/cogvideox/sample_debug.yaml",
+            "--port", str(port), "--lora-dir", str(loras), "--output-dir", str(out), *_overrides(pipe),
+            "parallel.ulysses=2", "parallel.timeout_s=30"]
+    logs = [open(root / f"rank{r}.log", "w+") for r in range(2)]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
+                              stderr=subprocess.STDOUT) for r in range(2)]
+    try:
+        deadline = time.time() + 120
+        while "ready on" not in (root / "rank0.log").read_text():
+            assert all(p.poll() is None for p in procs), (root / "rank0.log").read_text()
+            assert time.time() < deadline, "the server did not start in 120 s"
+            time.sleep(0.2)
+        yield {"url": f"http://127.0.0.1:{port}/", "procs": procs, "root": root, "out": out, "pipe": pipe,
+               "loras": loras, "log": root / "rank0.log"}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server["url"], verbose=False)
+
+
+def _call(client, req: dict):
+    args = [req.get(f, "") for f in FIELDS]
+    return client.predict(*args, api_name="/generate")
+
+
+def _frames(path) -> np.ndarray:
+    reader = imageio.get_reader(path, format="FFMPEG")
+    frames = np.stack([f for f in reader])
+    reader.close()
+    return frames
+
+
+def _sample(server, tmp_path: Path, req: dict) -> tuple[torch.Tensor, np.ndarray]:
+    """`fastpost sample` (world 1, in this process) with the request's settings: its latents and frames."""
+    lora = [f"model.lora={server['loras'] / req['lora']}", f"model.lora_scale={req['lora_scale']}"] if req["lora"] else []
+    argv = ["--config", "configs/cogvideox/sample_debug.yaml", "--prompt", req["prompt"], "--output-dir",
+            str(tmp_path), *_overrides(server["pipe"]), f"negative_prompt={req['negative_prompt']}",
+            *(f"{k}={req[k]}" for k in ("steps", "guidance_scale", "seed", "height", "width", "num_frames",
+                                         "sampler")), *lora]
+    assert sample_main(argv) == 0
+    return torch.load(next(tmp_path.glob("*.latents.pt"))), _frames(next(tmp_path.glob("*.mp4")))
+
+
+def _served(server, result) -> tuple[torch.Tensor, np.ndarray, dict]:
+    video, files, note = result[0], result[1], result[2]
+    video = video["video"] if isinstance(video, dict) else video
+    meta_file = next(f for f in files if str(f).endswith(".json"))
+    meta = json.loads(Path(meta_file).read_text())
+    latents = torch.load(server["out"] / meta["latents"])
+    return latents, _frames(video), meta
+
+
+def test_requests_equal_fastpost_sample_and_errors_are_contained(server, client, tmp_path):
+    # A: a LoRA from the folder, another sampler and size; the adapter runs unfused beside the base weights
+    served_a, frames_a, meta_a = _served(server, _call(client, REQ_A))
+    ref_a, ref_frames_a = _sample(server, tmp_path / "a", REQ_A)
+    assert meta_a["lora"].endswith("good") and meta_a["seed"] == 5 and meta_a["sampler"] == "dpm"
+    assert meta_a["parallel"]["ulysses"] == 2 and frames_a.shape == ref_frames_a.shape
+    err_a = (served_a - ref_a).abs().max().item()
+    assert err_a <= 1e-5 * max(1.0, ref_a.abs().max().item()), f"LoRA request vs fastpost sample: {err_a:.2e}"
+
+    # bad requests: a message each, the workers stay up
+    bad = {"num_frames=8 is not valid": {**REQ_B, "num_frames": 8},
+           "could not be loaded": {**REQ_B, "lora": "broken"},
+           "'..' are refused": {**REQ_B, "lora": "../secret"},
+           "absolute paths": {**REQ_B, "lora": str(server["root"] / "secret")},
+           "holds no readable": {**REQ_B, "lora": "nothing_here"}}
+    for message, req in bad.items():
+        with pytest.raises(Exception, match=message):
+            _call(client, req)
+
+    # B: no LoRA after all that: the base model is back exactly (the adapter was removed, nothing reloaded)
+    served_b, frames_b, meta_b = _served(server, _call(client, REQ_B))
+    ref_b, ref_frames_b = _sample(server, tmp_path / "b", REQ_B)
+    assert meta_b["lora"] is None and meta_b["request_index"] == 1
+    assert torch.equal(served_b, ref_b), f"request vs fastpost sample: {(served_b - ref_b).abs().max():.2e}"
+    assert np.array_equal(frames_b, ref_frames_b)
+    assert np.abs(frames_a.astype(int) - ref_frames_a.astype(int)).max() <= 1
+    assert sorted(p.name for p in server["out"].glob("*.mp4")) == ["0000_a_red_ball.mp4", "0001_green_tree.mp4"]
+
+
+def test_paths_are_confined(tmp_path):
+    (tmp_path / "loras" / "x" / "y").mkdir(parents=True)
+    (tmp_path / "loras" / "x" / "y" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "loras" / "link").symlink_to(tmp_path / "outside")
+    root = tmp_path / "loras"
+    assert confined(root, "x/y", "LoRA") == (root / "x" / "y").resolve()
+    assert list_loras(root) == ["x/y"]
+    for name, message in [("../outside", r"'\.\.' are refused"), ("x/../../outside", r"'\.\.' are refused"),
+                          (str(tmp_path / "outside"), "absolute paths"), ("/etc", "absolute paths"),
+                          ("link", "leads outside")]:
+        with pytest.raises(SampleError, match=message):
+            confined(root, name, "LoRA")
+    with pytest.raises(SampleError, match="start it with --image-dir"):
+        confined(None, "a.png", "image")
+
+
+def test_lost_worker_is_reported_and_serve_exits_nonzero(server, client):
+    """Runs last in this module: it kills a rank of the shared server."""
+    rank0, rank1 = server["procs"]
+    rank1.send_signal(signal.SIGKILL)
+    rank1.wait()
+    with pytest.raises(Exception, match="worker process is gone"):
+        _call(client, REQ_B)
+    assert rank0.wait(timeout=60) == 1
+    assert "fastpost serve: error: a sampling worker process is gone" in server["log"].read_text()
