@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("gradio", reason="the serve extra is not installed: pip install -e '.[serve]'")
+pytest.importorskip("gradio_client", reason="the serve extra is not installed: pip install -e '.[serve]'")
 from gradio_client import Client  # noqa: E402
 
 from fastpost.distributed.parallel_dims import free_port  # noqa: E402
@@ -29,6 +29,7 @@ from fastpost.sampling import SampleError, main as sample_main  # noqa: E402
 from fastpost.serve.paths import confined, list_loras  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "docs" / "assets"
 BASE = {"height": 48, "width": 80, "num_frames": 9, "steps": 2}  # 45 video tokens: sp=2 pads
 REQ_A = dict(prompt="a red ball", negative_prompt="blue square", steps=3, guidance_scale=5.0, seed=5, height=32,
              width=48, num_frames=5, sampler="dpm", lora="good", lora_scale=0.7)
@@ -83,13 +84,15 @@ def server(tmp_path_factory):
     procs = [subprocess.Popen(argv, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
                               stderr=subprocess.STDOUT) for r in range(2)]
     try:
+        # while the server starts (rank 1 idles while rank 0 imports gradio), `fastpost sample` makes the references
+        refs = {name: _sample(pipe, loras, root / f"ref_{name}", req) for name, req in (("a", REQ_A), ("b", REQ_B))}
         deadline = time.time() + 120
         while "ready on" not in (root / "rank0.log").read_text():
             assert all(p.poll() is None for p in procs), (root / "rank0.log").read_text()
             assert time.time() < deadline, "the server did not start in 120 s"
             time.sleep(0.2)
-        yield {"url": f"http://127.0.0.1:{port}/", "procs": procs, "root": root, "out": out, "pipe": pipe,
-               "loras": loras, "log": root / "rank0.log"}
+        yield {"url": f"http://127.0.0.1:{port}/", "procs": procs, "root": root, "out": out, "refs": refs,
+               "log": root / "rank0.log"}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -116,15 +119,15 @@ def _frames(path) -> np.ndarray:
     return frames
 
 
-def _sample(server, tmp_path: Path, req: dict) -> tuple[torch.Tensor, np.ndarray]:
+def _sample(pipe: Path, loras: Path, out: Path, req: dict) -> tuple[torch.Tensor, np.ndarray]:
     """`fastpost sample` (world 1, in this process) with the request's settings: its latents and frames."""
-    lora = [f"model.lora={server['loras'] / req['lora']}", f"model.lora_scale={req['lora_scale']}"] if req["lora"] else []
+    lora = [f"model.lora={loras / req['lora']}", f"model.lora_scale={req['lora_scale']}"] if req["lora"] else []
     argv = ["--config", "configs/cogvideox/sample_debug.yaml", "--prompt", req["prompt"], "--output-dir",
-            str(tmp_path), *_overrides(server["pipe"]), f"negative_prompt={req['negative_prompt']}",
+            str(out), *_overrides(pipe), f"negative_prompt={req['negative_prompt']}",
             *(f"{k}={req[k]}" for k in ("steps", "guidance_scale", "seed", "height", "width", "num_frames",
                                          "sampler")), *lora]
     assert sample_main(argv) == 0
-    return torch.load(next(tmp_path.glob("*.latents.pt"))), _frames(next(tmp_path.glob("*.mp4")))
+    return torch.load(next(out.glob("*.latents.pt"))), _frames(next(out.glob("*.mp4")))
 
 
 def _served(server, result) -> tuple[torch.Tensor, np.ndarray, dict]:
@@ -136,13 +139,14 @@ def _served(server, result) -> tuple[torch.Tensor, np.ndarray, dict]:
     return latents, _frames(video), meta
 
 
-def test_requests_equal_fastpost_sample_and_errors_are_contained(server, client, tmp_path):
+def test_requests_equal_fastpost_sample_and_errors_are_contained(server, client):
     # A: a LoRA from the folder, another sampler and size; the adapter runs unfused beside the base weights
     served_a, frames_a, meta_a = _served(server, _call(client, REQ_A))
-    ref_a, ref_frames_a = _sample(server, tmp_path / "a", REQ_A)
+    ref_a, ref_frames_a = server["refs"]["a"]
     assert meta_a["lora"].endswith("good") and meta_a["seed"] == 5 and meta_a["sampler"] == "dpm"
     assert meta_a["parallel"]["ulysses"] == 2 and frames_a.shape == ref_frames_a.shape
     err_a = (served_a - ref_a).abs().max().item()
+    print(f"LoRA request (unfused adapter, sp=2) vs fastpost sample (fused, world 1): max latent error {err_a:.2e}")
     assert err_a <= 1e-5 * max(1.0, ref_a.abs().max().item()), f"LoRA request vs fastpost sample: {err_a:.2e}"
 
     # bad requests: a message each, the workers stay up
@@ -157,7 +161,7 @@ def test_requests_equal_fastpost_sample_and_errors_are_contained(server, client,
 
     # B: no LoRA after all that: the base model is back exactly (the adapter was removed, nothing reloaded)
     served_b, frames_b, meta_b = _served(server, _call(client, REQ_B))
-    ref_b, ref_frames_b = _sample(server, tmp_path / "b", REQ_B)
+    ref_b, ref_frames_b = server["refs"]["b"]
     assert meta_b["lora"] is None and meta_b["request_index"] == 1
     assert torch.equal(served_b, ref_b), f"request vs fastpost sample: {(served_b - ref_b).abs().max():.2e}"
     assert np.array_equal(frames_b, ref_frames_b)
@@ -180,6 +184,62 @@ def test_paths_are_confined(tmp_path):
             confined(root, name, "LoRA")
     with pytest.raises(SampleError, match="start it with --image-dir"):
         confined(None, "a.png", "image")
+
+
+def _browser_missing() -> str | None:
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        return "no chromium / chromedriver on PATH (Debian: apt-get install chromium chromium-driver; `make test-browser`)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (`make test-browser` installs it)"
+    return None
+
+
+@pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
+def test_real_browser_generates_plays_and_restores(server):
+    """Headless Chromium: type a prompt, submit, wait for the video, check the browser decoded it and that the file
+    decodes here; click the gallery entry of an earlier request to restore its settings; screenshot for the docs."""
+    import urllib.request
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,1500", "--mute-audio"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=shutil.which("chromedriver")))
+    wait = WebDriverWait(driver, 120, poll_frequency=0.2)
+    try:
+        driver.get(server["url"])
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+        box.clear()
+        box.send_keys("a paper boat on a pond")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        video = wait.until(lambda d: next((v for v in d.find_elements(By.CSS_SELECTOR, "#result video")
+                                           if v.get_attribute("src")), None))
+        decoded = "return [arguments[0].readyState, arguments[0].videoWidth, arguments[0].videoHeight]"
+        state = wait.until(lambda d: (s := d.execute_script(decoded, video)) and s[0] >= 2 and s)
+        assert state[1:] == [BASE["width"], BASE["height"]], state  # the browser decoded a frame of the right size
+        src = video.get_attribute("src")
+        local = server["root"] / "browser.mp4"
+        local.write_bytes(urllib.request.urlopen(src, timeout=30).read())
+        assert _frames(local).shape[1:] == (BASE["height"], BASE["width"], 3)
+        meta = json.loads(max(server["out"].glob("*.json")).read_text())
+        assert meta["prompt"] == "a paper boat on a pond"
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ASSETS / "serve.png"))
+        # the gallery: its first entry is request A; clicking it restores A's prompt and seed
+        thumbs = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery button.thumbnail-item") or
+                            d.find_elements(By.CSS_SELECTOR, "#gallery .thumbnail-item"))
+        thumbs[0].click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value")
+                   == REQ_A["prompt"])
+    finally:
+        driver.quit()
 
 
 def test_lost_worker_is_reported_and_serve_exits_nonzero(server, client):

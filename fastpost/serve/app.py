@@ -64,8 +64,8 @@ def build_app(engine: Engine) -> gr.Blocks:
                                        info=lim["size_reason"])
                     width = gr.Slider(m, max(2 * d.width, 4 * m), value=d.width, step=m, label="Width",
                                       info=lim["size_reason"])
-                frames = gr.Slider(1, max(2 * d.num_frames, 4 * k + 1), value=d.num_frames, step=k, label="Frames",
-                                   info=lim["frames_reason"])
+                frames = gr.Slider(1, 1 + k * max(4, 2 * ((d.num_frames - 1) // k)), value=d.num_frames, step=k,
+                                   label="Frames", info=lim["frames_reason"])
                 sampler = gr.Dropdown(engine.samplers(), value=d.sampler, label="Sampler",
                                       info="the job's sampler_args apply to the job's own sampler only")
                 with gr.Row():

@@ -45,14 +45,14 @@ class Request:
     """One page submission: what a user may change. Everything else comes from the job file."""
 
     prompt: str
-    negative_prompt: str = ""
-    steps: int = 50
-    guidance_scale: float = 6.0
-    seed: int = 0
-    height: int = 480
-    width: int = 720
-    num_frames: int = 49
-    sampler: str = "ddim"
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    height: int
+    width: int
+    num_frames: int
+    sampler: str
     lora: str | None = None  # a folder relative to --lora-dir; None or "": no LoRA
     lora_scale: float = 1.0
     image: str | None = None  # a file relative to --image-dir (families conditioned on "image")
