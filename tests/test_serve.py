@@ -169,6 +169,22 @@ def test_requests_equal_fastpost_sample_and_errors_are_contained(server, client)
     assert sorted(p.name for p in server["out"].glob("*.mp4")) == ["0000_a_red_ball.mp4", "0001_green_tree.mp4"]
 
 
+def test_page_serves_outputs_but_no_other_file(server, client):
+    import urllib.error
+    import urllib.request
+
+    def status(path: Path) -> int:
+        try:
+            return urllib.request.urlopen(f"{server['url']}gradio_api/file={path}", timeout=30).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status(next(server["out"].glob("*.json"))) == 200
+    for path in (ROOT / "setup.py", server["root"] / "secret" / "pytorch_lora_weights.safetensors",
+                 server["root"] / "loras" / "good" / "pytorch_lora_weights.safetensors", Path("/etc/passwd")):
+        assert status(path) in (403, 404), path
+
+
 def test_paths_are_confined(tmp_path):
     (tmp_path / "loras" / "x" / "y").mkdir(parents=True)
     (tmp_path / "loras" / "x" / "y" / "pytorch_lora_weights.safetensors").write_bytes(b"")
@@ -194,6 +210,15 @@ def _browser_missing() -> str | None:
     except ImportError:
         return "selenium is not installed (`make test-browser` installs it)"
     return None
+
+
+def _save_png(png: bytes, path: Path) -> None:
+    """A 256-colour PNG: the docs' screenshot stays small in the repository."""
+    import io
+
+    from PIL import Image
+
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, optimize=True)
 
 
 @pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
@@ -231,7 +256,7 @@ def test_real_browser_generates_plays_and_restores(server):
         meta = json.loads(max(server["out"].glob("*.json")).read_text())
         assert meta["prompt"] == "a paper boat on a pond"
         ASSETS.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(ASSETS / "serve.png"))
+        _save_png(driver.get_screenshot_as_png(), ASSETS / "serve.png")
         # the gallery: its first entry is request A; clicking it restores A's prompt and seed
         thumbs = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery button.thumbnail-item") or
                             d.find_elements(By.CSS_SELECTOR, "#gallery .thumbnail-item"))

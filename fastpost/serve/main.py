@@ -90,7 +90,7 @@ def _lead(engine: Engine, args) -> int:
     demo = build_app(engine)
     demo.queue(max_size=64)
     # allowed_paths: the page may hand out the outputs; nothing else outside gradio's own cache is served
-    demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+    demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True, share=False,
                 allowed_paths=[str(Path(args.output_dir).resolve())], show_error=True)
     if args.host != LOCAL:
         print(f"fastpost serve: WARNING: listening on {args.host}: anyone who can reach port {args.port} can run "
