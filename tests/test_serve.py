@@ -8,11 +8,9 @@ One server (two processes, started as torchrun would start them) serves the whol
 from __future__ import annotations
 
 import json
+import multiprocessing.forkserver
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 pytest.importorskip("gradio_client", reason="the serve extra is not installed: pip install -e '.[serve]'")
 from gradio_client import Client  # noqa: E402
@@ -27,6 +26,7 @@ from gradio_client import Client  # noqa: E402
 from fastpost.distributed.parallel_dims import free_port  # noqa: E402
 from fastpost.sampling import SampleError, main as sample_main  # noqa: E402
 from fastpost.serve.paths import confined, list_loras  # noqa: E402
+from tests._harness import _PRELOAD, _worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "docs" / "assets"
@@ -67,6 +67,10 @@ def _overrides(pipe: Path) -> list[str]:
 def server(tmp_path_factory):
     from tests.test_sampling import _pipeline
 
+    # the forkserver imports (with gradio for rank 0) while this process builds the pipeline; in a full run it is
+    # already up (earlier modules started it) and this does nothing
+    multiprocessing.forkserver.set_forkserver_preload(_PRELOAD + ["gradio"])
+    multiprocessing.forkserver.ensure_running()
     root = tmp_path_factory.mktemp("serve")
     pipe = _pipeline("cogvideox", root)
     loras = root / "loras"
@@ -75,31 +79,41 @@ def server(tmp_path_factory):
     (loras / "broken" / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
     shutil.copytree(loras / "good", root / "secret")  # a valid LoRA outside the folder: only confinement stops it
     port, out = free_port(), root / "out"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-m", "fastpost.cli", "serve", "--config", "configs/cogvideox/sample_debug.yaml",
-            "--port", str(port), "--lora-dir", str(loras), "--output-dir", str(out), *_overrides(pipe),
-            "parallel.ulysses=2", "parallel.timeout_s=30"]
-    logs = [open(root / f"rank{r}.log", "w+") for r in range(2)]
-    procs = [subprocess.Popen(argv, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
-                              stderr=subprocess.STDOUT) for r in range(2)]
+    argv = ["--config", "configs/cogvideox/sample_debug.yaml", "--port", str(port), "--lora-dir", str(loras),
+            "--output-dir", str(out), *_overrides(pipe), "parallel.ulysses=2", "parallel.timeout_s=30"]
+    # two ranks as torchrun would start them (RANK, WORLD_SIZE, MASTER_*), forked from the harness's preloaded
+    # forkserver (torch + diffusers already imported: most of a cold start on 2 cores)
+    ctx = mp.start_processes(_worker, args=(2, free_port(), _serve_rank, (argv, str(root))), nprocs=2, join=False,
+                             start_method="forkserver")
+    procs = ctx.processes
+    log = root / "rank0.log"
     try:
         # while the server starts (rank 1 idles while rank 0 imports gradio), `fastpost sample` makes the references
         refs = {name: _sample(pipe, loras, root / f"ref_{name}", req) for name, req in (("a", REQ_A), ("b", REQ_B))}
         deadline = time.time() + 120
-        while "ready on" not in (root / "rank0.log").read_text():
-            assert all(p.poll() is None for p in procs), (root / "rank0.log").read_text()
+        while not log.is_file() or "ready on" not in log.read_text():
+            assert all(p.is_alive() for p in procs), log.read_text() if log.is_file() else "no log"
             assert time.time() < deadline, "the server did not start in 120 s"
-            time.sleep(0.2)
+            time.sleep(0.1)
         yield {"url": f"http://127.0.0.1:{port}/", "procs": procs, "root": root, "out": out, "refs": refs,
-               "log": root / "rank0.log"}
+               "log": log}
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.is_alive():
                 p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
+            p.join()
+
+
+def _serve_rank(rank: int, world: int, argv: list[str], root: str) -> None:
+    """`fastpost serve ARGV` on one rank (the harness made the process group), its output in <root>/rank<r>.log."""
+    fd = os.open(os.path.join(root, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from fastpost.serve.main import main
+
+    code = main(argv)
+    if code:
+        os._exit(code)
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +146,10 @@ def _sample(pipe: Path, loras: Path, out: Path, req: dict) -> tuple[torch.Tensor
 
 def _served(server, result) -> tuple[torch.Tensor, np.ndarray, dict]:
     video, files, note = result[0], result[1], result[2]
+    meta = json.loads(Path(next(f for f in files if str(f).endswith(".json"))).read_text())
+    steps = meta["steps"]
+    assert f"{steps}/{steps} steps" in note, note  # every step's progress event reached the page's handler
     video = video["video"] if isinstance(video, dict) else video
-    meta_file = next(f for f in files if str(f).endswith(".json"))
-    meta = json.loads(Path(meta_file).read_text())
     latents = torch.load(server["out"] / meta["latents"])
     return latents, _frames(video), meta
 
@@ -145,6 +160,7 @@ def test_requests_equal_fastpost_sample_and_errors_are_contained(server, client)
     ref_a, ref_frames_a = server["refs"]["a"]
     assert meta_a["lora"].endswith("good") and meta_a["seed"] == 5 and meta_a["sampler"] == "dpm"
     assert meta_a["parallel"]["ulysses"] == 2 and frames_a.shape == ref_frames_a.shape
+    assert meta_a["request"]["lora"] == "good"
     err_a = (served_a - ref_a).abs().max().item()
     print(f"LoRA request (unfused adapter, sp=2) vs fastpost sample (fused, world 1): max latent error {err_a:.2e}")
     assert err_a <= 1e-5 * max(1.0, ref_a.abs().max().item()), f"LoRA request vs fastpost sample: {err_a:.2e}"
@@ -270,9 +286,10 @@ def test_real_browser_generates_plays_and_restores(server):
 def test_lost_worker_is_reported_and_serve_exits_nonzero(server, client):
     """Runs last in this module: it kills a rank of the shared server."""
     rank0, rank1 = server["procs"]
-    rank1.send_signal(signal.SIGKILL)
-    rank1.wait()
+    rank1.kill()  # SIGKILL
+    rank1.join()
     with pytest.raises(Exception, match="worker process is gone"):
         _call(client, REQ_B)
-    assert rank0.wait(timeout=60) == 1
+    rank0.join(timeout=60)
+    assert rank0.exitcode == 1
     assert "fastpost serve: error: a sampling worker process is gone" in server["log"].read_text()

@@ -90,17 +90,19 @@ def build_app(engine: Engine) -> gr.Blocks:
         def generate(*values, progress=gr.Progress()):
             job = engine.submit(Request(**dict(zip(FIELDS, values))))
             progress(0, desc="waiting for the sampler")
+            seen = 0
             while True:
                 event = job.events.get()
                 if event[0] == "step":
+                    seen += 1
                     progress((event[1], event[2]), desc="denoising", unit="steps")
                 elif event[0] == "error":
                     raise gr.Error(event[1], duration=None)
                 else:
                     r = event[1]
                     t = r["meta"]["elapsed_s"]
-                    note = (f"{Path(r['video']).name}: {t['total']:.1f}s (denoise {t['denoise']:.1f}s, decode "
-                            f"{t['decode']:.1f}s)")
+                    note = (f"{Path(r['video']).name}: {seen}/{r['meta']['steps']} steps reported; {t['total']:.1f}s "
+                            f"(denoise {t['denoise']:.1f}s, decode {t['decode']:.1f}s)")
                     return r["video"], [r["video"], r["metadata"]], note, _gallery(engine), status_line(engine)
 
         run.click(generate, controls, [video, files, info, gallery, status], api_name="generate",
