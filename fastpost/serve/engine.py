@@ -123,6 +123,7 @@ class Engine:
         self.inbox: queue.Queue = queue.Queue()
         self.dead: str | None = None  # why the workers are gone (rank 0); the page shows it
         self.busy = False
+        self.current: Job | str | None = None  # what lead() is doing (rank 0): answered if the process is stopped
         self.count = 0  # requests run, numbering the outputs
         self.history: list[dict[str, Any]] = []  # finished results since start (rank 0), oldest first
         self._lock = threading.Lock()
@@ -306,9 +307,9 @@ class Engine:
         lost (every queued job is answered with the reason first)."""
         while True:
             try:
-                job = self.inbox.get(timeout=self.heartbeat_s)
+                job = self.current = self.inbox.get(timeout=self.heartbeat_s)
             except queue.Empty:
-                job = None
+                job = self.current = None
             try:
                 if job is None:
                     if self.world > 1:
@@ -332,17 +333,22 @@ class Engine:
                 finally:
                     self.busy = False
             except WorkerLost as e:
-                self.dead = (f"a sampling worker process is gone ({e}); fastpost serve is stopping. Check the "
-                             f"other ranks' logs, then restart it.")
-                if job not in (None, "stop"):
-                    job.events.put(("error", self.dead))
-                while True:  # answer whatever is queued behind it
-                    try:
-                        pending = self.inbox.get_nowait()
-                    except queue.Empty:
-                        return 1
-                    if pending != "stop":
-                        pending.events.put(("error", self.dead))
+                self.fail_all(f"a sampling worker process is gone ({e}); fastpost serve is stopping. Check the "
+                              f"other ranks' logs, then restart it.", job)
+                return 1
+
+    def fail_all(self, reason: str, current: Job | None = None) -> None:
+        """Mark the server stopped and answer the running request (if any) and all queued ones with `reason`."""
+        self.dead = reason
+        if isinstance(current, Job):
+            current.events.put(("error", reason))
+        while True:
+            try:
+                pending = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(pending, Job):
+                pending.events.put(("error", reason))
 
     def stop(self) -> None:
         self.inbox.put("stop")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,10 @@ from fastpost.serve.engine import Engine, WorkerLost
 LOCAL = "127.0.0.1"
 LINGER_S = 3.0  # after a lost rank the page stays up this long, so open pages show why before the server goes
 DEFAULT_PROMPT = "a red ball bouncing on a wooden floor"  # the page's first prompt when the job names none
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread (the launcher is stopping the job)."""
 
 
 def parse_args(argv: list[str] | None):
@@ -97,6 +102,11 @@ def _lead(engine: Engine, args) -> int:
               f"this model and download its outputs (no login); see docs/serve.md", file=sys.stderr, flush=True)
     print(f"fastpost serve: ready on http://{args.host}:{args.port} ({engine.world} rank(s)); outputs in "
           f"{args.output_dir}", file=sys.stderr, flush=True)
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    # torchrun stops the other ranks with SIGTERM when one dies: answer the page first instead of vanishing
+    signal.signal(signal.SIGTERM, terminated)
     try:
         code = engine.lead()
     except KeyboardInterrupt:
@@ -106,6 +116,11 @@ def _lead(engine: Engine, args) -> int:
                 engine._send(("stop",))
             except WorkerLost:
                 code = 1
+    except _Terminated:
+        code = 1
+        engine.fail_all("fastpost serve got SIGTERM and is stopping (under torchrun: another rank died, or the job "
+                        "was cancelled); restart it", engine.current)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the linger below is the stop already under way
     if code != 0:
         print(f"fastpost serve: error: {engine.dead}", file=sys.stderr, flush=True)
         time.sleep(LINGER_S)
