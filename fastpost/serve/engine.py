@@ -238,11 +238,13 @@ class Engine:
             view, embeds = self._settle(req)
         except (SampleError, ConfigError, ValueError) as e:
             error = str(e)
-        try:
-            errors = [None] * self.world
-            dist.all_gather_object(errors, error)
-        except Exception as e:  # noqa: BLE001 (any failure of a collective is a lost worker)
-            raise WorkerLost(f"{type(e).__name__}: {e}") from None
+        errors = [error]
+        if self.world > 1:
+            try:
+                errors = [None] * self.world
+                dist.all_gather_object(errors, error)
+            except Exception as e:  # noqa: BLE001 (any failure of a collective is a lost worker)
+                raise WorkerLost(f"{type(e).__name__}: {e}") from None
         failed = next((e for e in errors if e is not None), None)
         if failed is not None:
             if self.lora is not None:  # no adapter anywhere: the same state on every rank
@@ -252,7 +254,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             n = 4 if view.guidance > 1 else 2
-            t = [broadcast_tensor(embeds[i] if self.rank == 0 else None, None, self.device) for i in range(n)]
+            t = embeds if self.world == 1 else [broadcast_tensor(embeds[i] if self.rank == 0 else None, None,
+                                                                 self.device) for i in range(n)]
             view.cond, view.uncond = (t[0], t[1]), ((t[2], t[3]) if n == 4 else None)
             latents = view.generate(0, on_step if self.rank == 0 else None)
         except Exception as e:  # noqa: BLE001
@@ -319,7 +322,8 @@ class Engine:
                     if self.world > 1:
                         self._send(("stop",))
                     return 0
-                self._send(("run", asdict(job.request)))
+                if self.world > 1:
+                    self._send(("run", asdict(job.request)))
                 self.busy = True
                 try:
                     job.events.put(("done", self.execute(job.request, job.progress)))
