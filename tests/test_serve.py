@@ -185,6 +185,23 @@ def test_requests_equal_fastpost_sample_and_errors_are_contained(server, client)
     assert sorted(p.name for p in server["out"].glob("*.mp4")) == ["0000_a_red_ball.mp4", "0001_green_tree.mp4"]
 
 
+def test_requests_wait_in_line_and_see_their_position(server, client):
+    from gradio_client.utils import Status
+
+    first = client.submit(*[{**REQ_B, "steps": 30, "seed": 9}.get(f, "") for f in FIELDS], api_name="/generate")
+    while first.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.FINISHED):
+        time.sleep(0.02)
+    second = client.submit(*[{**REQ_B, "seed": 10}.get(f, "") for f in FIELDS], api_name="/generate")
+    positions = set()
+    while not second.done():
+        status = second.status()
+        if status.code == Status.IN_QUEUE and status.rank is not None:
+            positions.add(status.rank)
+        time.sleep(0.02)
+    assert first.done() and positions == {0}, positions  # it waited, first in line, while the other ran
+    assert "30/30 steps" in first.result()[2] and "2/2 steps" in second.result()[2]
+
+
 def test_page_serves_outputs_but_no_other_file(server, client):
     import urllib.error
     import urllib.request
