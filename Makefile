@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastpost-installed
 
-.PHONY: venv test demo assets clean
+.PHONY: venv test test-browser demo assets clean
 
 venv: $(STAMP)
 
@@ -12,11 +12,20 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,serve,browser]"
 	touch $(STAMP)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests
+
+# the page of `fastpost serve` in headless Chromium (selenium comes with the venv); `make test` runs it too when
+# chromium is installed and says why it skipped it otherwise. Writes docs/assets/serve.png
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		$(SUDO) apt-get install -y chromium chromium-driver || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests/test_serve.py
 
 # writes outputs/demo/{loss_curve,before_after}.png among the rest
 demo: $(STAMP)

@@ -25,6 +25,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8"],
+        # `fastpost serve`: the page (rank 0) and its API client (tests/test_serve.py)
+        "serve": ["gradio>=5", "gradio_client>=1"],
+        # the real-browser test of the page (`make test-browser`; Chromium itself comes from the OS)
+        "browser": ["selenium>=4.10"],
         # Needs CUDA to build; never installed on CPU machines. fastpost imports it optionally.
         "flash": ["flash-attn>=2.6"],
     },

@@ -152,6 +152,14 @@ def _sample(argv: list[str]) -> None:
     raise SystemExit(main(argv))
 
 
+def _serve(argv: list[str]) -> None:
+    from fastpost.serve.main import main
+
+    if _wants_help(argv):
+        _help_with_keys(main, sample_keys)
+    raise SystemExit(main(argv))
+
+
 # job kind -> (module, config class); `config show` infers the kind from the top-level keys when not told
 JOB_KINDS = {"train": ("fastpost.trainer", "TrainConfig"), "sample": ("fastpost.sampling", "SampleConfig"),
              "preprocess": ("fastpost.data.preprocess", "PreprocessConfig")}
@@ -245,6 +253,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "preprocess": (_preprocess, "encode captioned videos/images into latent + text-embedding shards"),
     "train": (_train, "train from a job file: LoRA or full finetune, distillation (FSDP2 + Ulysses)"),
     "sample": (_sample, "sample videos from a pipeline, a LoRA or a training checkpoint (Ulysses, CFG parallel)"),
+    "serve": (_serve, "a web page over the sampler: rank 0 serves it, every request runs on all ranks (SP x CFG)"),
     "plan": (_plan, "predict a train job's per-GPU memory (weights, optimizer, activations) and what makes it fit"),
     "config": (_config, "`config show --config JOB`: print the fully resolved job (defaults + overrides) as YAML"),
     "demo": (_demo, "end-to-end CPU demo on tiny models: data -> sp=2 LoRA train -> sample -> plots (~2 min)"),

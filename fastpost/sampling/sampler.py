@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -290,6 +291,29 @@ class VideoSampler:
         guidance_2 = self.cfg.guidance_scale_2 if self.cfg.guidance_scale_2 is not None else self.guidance
         return LowNoiseExpert(model_2, boundary, guidance_2)
 
+    def with_settings(self, cfg: SampleConfig, cond, uncond) -> "VideoSampler":
+        """This sampler for other per-video settings (one prompt in `cfg`, its embeddings `cond` / `uncond` given),
+        sharing the model, VAE and process groups: `fastpost serve` runs each request through one. The model
+        section and the layout stay those this sampler was built with. Every rank calls it with the same `cfg`;
+        it raises SampleError before any collective."""
+        view = copy.copy(self)
+        view.cfg = cfg
+        view.items = read_prompts(cfg.prompt, None, cfg.negative_prompt, cfg.seed)
+        view.guidance = _guidance(cfg)
+        mesh_lib.check_layout(cfg.parallel.cfg, cfg.parallel.ulysses, self.dims.world_size, view.guidance)
+        view.geometry = resolve_geometry(cfg, self.family, self.model.config, self.vae_config)
+        view.steps = cfg.steps or self.facts.steps
+        view.sampler_name = cfg.sampler or self.family.default_sampler(cfg.model.pretrained, cfg.model.flavor)
+        try:
+            build_sampler(view.sampler_name, cfg.sampler_args, view._sampler_ctx(0))
+        except (ValueError, ConfigError) as e:
+            raise SampleError(str(e)) from None
+        view.cond, view.uncond = cond, (uncond if view.guidance > 1 else None)
+        d = self.denoiser
+        view.denoiser = Denoiser(self.family, self.model, self.dtype, self.layout, view.guidance, cfg.dynamic_cfg,
+                                 view.steps, d.strategy, d.cfg_group, d.cfg_rank)
+        return view
+
     # ---- the loop ------------------------------------------------------------------------------------------------
     def _sampler_ctx(self, seed: int) -> SamplerContext:
         return SamplerContext(self.family, dict(self.scheduler_config), torch.Generator("cpu").manual_seed(seed))
@@ -344,10 +368,11 @@ class VideoSampler:
         return out
 
     @torch.no_grad()
-    def generate(self, index: int) -> torch.Tensor:
+    def generate(self, index: int, on_step=None) -> torch.Tensor:
         """Final latents (BCFHW, fp32, with any pipeline padding frames) of prompt `index`; collective over the
         replica that owns it. Latents stay fp32 between steps (only the model sees self.dtype) and are kept in the
-        pipeline's layout, which samplers see."""
+        pipeline's layout, which samplers see. `on_step(done, total)` is called after every step (a progress
+        bar of `fastpost serve`)."""
         item = self.items[index]
         ctx = self._sampler_ctx(item.seed)
         sampler = build_sampler(self.sampler_name, self.cfg.sampler_args, ctx)
@@ -362,6 +387,8 @@ class VideoSampler:
                 pred = self.denoiser(latents, t, cond, uncond, image_cond=image)
                 latents = sampler.step(pred, i, t, latents).float()
                 bar.update()
+                if on_step is not None:
+                    on_step(i + 1, len(timesteps))
         finally:
             bar.close()
         return self._bcfhw(latents).contiguous()
