@@ -21,7 +21,7 @@ from typing import Any, Hashable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastpost.data.shards import TENSOR_FIELDS, ShardDataset
+from fastpost.data.shards import OPTIONAL_TENSOR_FIELDS, TENSOR_FIELDS, ShardDataset
 
 @dataclass
 class LoaderConfig:
@@ -164,6 +164,9 @@ def collate(samples: list[dict[str, Any]], indices: list[int] | None = None) -> 
         raise ValueError(f"cannot stack latents of different shapes {sorted(shapes)} in one batch; "
                          f"batches must come from BucketBatchSampler (one shape per batch)")
     batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in TENSOR_FIELDS}
+    for k in OPTIONAL_TENSOR_FIELDS:  # e.g. pooled_prompt_embeds [B, D]: stacked when every sample has it
+        if all(k in s for s in samples):
+            batch[k] = torch.stack([s[k] for s in samples])
     batch["captions"] = [s["caption"] for s in samples]
     batch["sources"] = [s["source"] for s in samples]
     batch["buckets"] = [s["bucket"] for s in samples]
