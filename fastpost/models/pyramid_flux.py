@@ -224,13 +224,31 @@ def _install_processor(block: nn.Module, state: SPState) -> None:
     block.attn.set_processor(FluxSPProcessor(state))
 
 
-apply_sequence_parallel = sequence_parallel_on_blocks(_install_processor, gather_attr="norm_out", blocks_attr=BLOCKS)
+_processors_and_hooks = sequence_parallel_on_blocks(_install_processor, gather_attr="norm_out", blocks_attr=BLOCKS)
+
+
+def apply_sequence_parallel(model: nn.Module, dims, attention_backend: str = "auto") -> SPState:
+    """Step 1 of parallelize: fastpost's processor on every block (+ the split/gather hooks with SP on), and the
+    model's forward becomes the packed call, so that FSDP's root hooks (which gather the embedders and norm_out)
+    run around it as they do around any forward."""
+    state = _processors_and_hooks(model, dims, attention_backend)
+    model.forward = lambda packed, timesteps_B, text: _forward(model, packed, timesteps_B, text)
+    model._fastpost_packed_forward = True
+    return state
 
 
 # ---- the model call -------------------------------------------------------------------------------------------------
 def forward_packed(model: nn.Module, packed: Packed, timesteps_B: torch.Tensor, text: dict) -> torch.Tensor:
     """Velocity patches [B, S, 4 C] ((p1 p2 c) features) of a packed sequence. `text`: prompt_embeds [B, T, 4096],
-    prompt_attention_mask [B, T], pooled_prompt_embeds [B, 768]; timesteps_B in upstream units ([1, 1000])."""
+    prompt_attention_mask [B, T], pooled_prompt_embeds [B, 768]; timesteps_B in upstream units ([1, 1000]).
+    The model must have been through the family's apply_sequence_parallel / parallelize (the builder does it)."""
+    if not getattr(model, "_fastpost_packed_forward", False):
+        raise ValueError("this FluxTransformer2DModel has not been prepared for pyramid_flux: build it with "
+                         "fastpost.builder.build_model or call FAMILY.apply_sequence_parallel(model, dims) first")
+    return model(packed, timesteps_B, text)
+
+
+def _forward(model: nn.Module, packed: Packed, timesteps_B: torch.Tensor, text: dict) -> torch.Tensor:
     if text.get("pooled_prompt_embeds") is None:
         raise ValueError("pyramid_flux needs pooled_prompt_embeds (the CLIP-L pooled prompt) in every batch: import "
                          "upstream text features with `python -m fastpost.data.pyramid_import`")
