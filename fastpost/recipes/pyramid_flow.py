@@ -82,10 +82,10 @@ class PyramidFlow(Recipe):
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
         self.empty = None  # the encoding of "" (family null_text "empty_prompt"): read from the shards
         if cfg.caption_dropout > 0 and self.sched.null_text == "empty_prompt":
-            root = getattr(getattr(ctx.train_cfg, "data", None), "root", None)
+            root = getattr(getattr(ctx.train_cfg, "data", None), "path", None)
             if not root:
                 raise ValueError("caption_dropout for this family drops to the stored encoding of \"\"; it needs "
-                                 "data.root (a shard folder with empty_prompt.safetensors)")
+                                 "data.path (a shard folder with empty_prompt.safetensors)")
             self.empty = read_empty_prompt(root, with_pooled=True)
 
     def trainables(self):
