@@ -279,8 +279,42 @@ def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
     return frames * (height // PATCH) * (width // PATCH)
 
 
+# ---- planning (fastpost plan) ---------------------------------------------------------------------------------------
+VAE_SPATIAL, VAE_TEMPORAL = 8, 8  # the causal video VAE: 8x spatial, 8x temporal (pixel frames 8k + 1)
+TEXT_LENGTH = 128  # T5 max_length of the release
+
+
+def plan_sequence(config, height: int, width: int, frames: int) -> tuple[int, int]:
+    """The longest packed sequence recipe pyramid_flow trains (frame_per_unit 1, all history): the last unit at
+    the finest stage, the unit before it at full resolution, the one before that at 1/2, the rest at 1/4."""
+    if height % (VAE_SPATIAL * PATCH * 4) or width % (VAE_SPATIAL * PATCH * 4) or (frames - 1) % VAE_TEMPORAL:
+        raise ValueError(f"{height}x{width}x{frames}: height and width must be multiples of "
+                         f"{VAE_SPATIAL * PATCH * 4} (VAE 8 x patch 2 x 2^(stages-1)), frames 8k + 1")
+    latent_frames = (frames - 1) // VAE_TEMPORAL + 1
+    tokens = (height // VAE_SPATIAL // PATCH) * (width // VAE_SPATIAL // PATCH)
+    full = min(latent_frames, 2)
+    half = 1 if latent_frames > 2 else 0
+    quarter = max(latent_frames - 3, 0)
+    return full * tokens + half * tokens // 4 + quarter * tokens // 16, TEXT_LENGTH
+
+
+def probe(model: nn.Module, config, grid: tuple[int, int, int], text: int):
+    """One packed forward of the planner's probe model on an f x h x w token grid."""
+    from fastpost.distributed.parallel_dims import ParallelDims
+    from fastpost.models.pyramid.packing import Segment, pack
+
+    apply_sequence_parallel(model, ParallelDims(world_size=1))
+    f, h, w = grid
+    channels = config["in_channels"] // (PATCH * PATCH)
+    packed = pack([Segment(torch.randn(1, channels, f, h * PATCH, w * PATCH), 0, 0)], PATCH, MinifluxSchedule())
+    inputs = {"prompt_embeds": torch.randn(1, text, config["joint_attention_dim"]),
+              "prompt_attention_mask": torch.ones(1, text, dtype=torch.bool),
+              "pooled_prompt_embeds": torch.randn(1, config["pooled_projection_dim"])}
+    return lambda: forward_packed(model, packed, torch.tensor([500.0]), inputs)
+
+
 PYRAMID = PyramidSpec(schedule=MinifluxSchedule, forward=forward_packed, patch=PATCH, guidance=(7.0, 5.0),
-                      first_frame_steps=(20, 20, 20), steps=(10, 10, 10))
+                      first_frame_steps=(20, 20, 20), steps=(10, 10, 10), plan_sequence=plan_sequence, probe=probe)
 
 FAMILY = ModelFamily(
     name="pyramid_flux",

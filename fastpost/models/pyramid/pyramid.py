@@ -185,6 +185,11 @@ class PyramidSpec:
     guidance: tuple[float, float] = (7.0, 5.0)  # default CFG of the first frame, of later units
     first_frame_steps: tuple[int, ...] = (10, 10, 10)  # default Euler steps per stage of the first-frame unit
     steps: tuple[int, ...] = (10, 10, 10)  # of later units
+    # planning (fastpost plan), for families whose VAE is not fastpost's: (config, height, width, frames) ->
+    # (video tokens, text tokens) of the longest sequence training packs; and (probe model, config, (f, h, w)
+    # token grid, text tokens) -> a callable running one forward of the probe model. None: the generic planner.
+    plan_sequence: Callable | None = None
+    probe: Callable | None = None
 
     def patch_size(self, model) -> int:
         return self.patch if isinstance(self.patch, int) else int(self.patch(model.config))
