@@ -90,7 +90,7 @@ def test_real_job_builds_at_real_size_and_fits_its_gpu(path):
     assert plan.fits, f"{_name(path)} does not fit {cfg.plan.gpu}:\n{plan.table()}"
     if family.vae is None:  # pyramid_flux: the shards come from upstream's extraction via the importer
         header = path.read_text()
-        assert "fastpost.data.pyramid_import" in header and f"--out {cfg.data.path}" in header, _name(path)
+        assert "fastpost import-pyramid" in header and f"--out {cfg.data.path}" in header, _name(path)
         return
     # some preprocessing job writes the shards this job reads, at the planned clip size
     writers = {n: p for n, p in _preprocess_jobs().items() if p.output_dir == cfg.data.path}

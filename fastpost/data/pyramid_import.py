@@ -9,7 +9,7 @@ with the video statistics), records that normalisation in the header, and stores
 user extracts with the same tool: a one-line jsonl {"text": "", "text_fea": "empty.pt"}) for caption dropout and
 guidance.
 
-    python -m fastpost.data.pyramid_import --anno annotation/video_text.jsonl --empty-text empty.pt --out shards
+    fastpost import-pyramid --anno annotation/video_text.jsonl --empty-text empty.pt --out shards
 
 `.pt` files are read with torch.load(weights_only=True): tensors and containers only, no code. This module is
 data-layer: the normalisation and text length come from the caller (main() reads them from the family).
@@ -117,8 +117,10 @@ def import_upstream(anno: str | Path, out: str | Path, empty_text: str | Path, n
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastpost.data.pyramid_import", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None, get_family) -> int:
+    """`fastpost import-pyramid ...`: the CLI (the composition root) passes get_family, so the family's facts (the
+    per-frame normalisation) reach the data layer without it importing models."""
+    p = argparse.ArgumentParser(prog="fastpost import-pyramid", description=__doc__.split("\n\n")[0])
     p.add_argument("--anno", required=True, help="upstream annotation jsonl ({'text', 'latent', 'text_fea'} rows)")
     p.add_argument("--empty-text", required=True, help="upstream text feature .pt of the empty prompt \"\"")
     p.add_argument("--out", required=True, help="new shard folder")
@@ -127,14 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-shard", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
-    from fastpost.models import get_family  # the composition point: the family's facts, passed down
-
     family = get_family("pyramid_flux")
     report = import_upstream(args.anno, args.out, args.empty_text, family.notes["latent_norm"], family.name,
                              args.root, args.max_frames, args.samples_per_shard, args.dtype)
     print(json.dumps(report))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

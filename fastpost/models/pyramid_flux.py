@@ -251,7 +251,7 @@ def forward_packed(model: nn.Module, packed: Packed, timesteps_B: torch.Tensor, 
 def _forward(model: nn.Module, packed: Packed, timesteps_B: torch.Tensor, text: dict) -> torch.Tensor:
     if text.get("pooled_prompt_embeds") is None:
         raise ValueError("pyramid_flux needs pooled_prompt_embeds (the CLIP-L pooled prompt) in every batch: import "
-                         "upstream text features with `python -m fastpost.data.pyramid_import`")
+                         "upstream text features with `fastpost import-pyramid`")
     dtype = compute_dtype(model)
     embeds, pooled = text["prompt_embeds"], text["pooled_prompt_embeds"]
     b, t = embeds.shape[:2]
