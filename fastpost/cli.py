@@ -151,6 +151,13 @@ def _import_pyramid(argv: list[str]) -> None:
     raise SystemExit(main(argv, get_family))  # the composition root hands data its family
 
 
+def _preprocess_pyramid(argv: list[str]) -> None:
+    from fastpost.data.pyramid_preprocess import main
+    from fastpost.models import get_family
+
+    raise SystemExit(main(argv, get_family))
+
+
 def _sample(argv: list[str]) -> None:
     from fastpost.sampling import main
 
@@ -252,6 +259,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "preprocess": (_preprocess, "encode captioned videos/images into latent + text-embedding shards"),
     "import-pyramid": (_import_pyramid, "import Pyramid Flow's extracted latents + text features into shards "
                                         "(pyramid_flux)"),
+    "preprocess-pyramid": (_preprocess_pyramid, "videos -> pyramid_flux shards: your VAE class (vae_class), T5-128 + "
+                                                "CLIP-L pooled"),
     "train": (_train, "train from a job file: LoRA or full finetune, distillation (FSDP2 + Ulysses)"),
     "sample": (_sample, "sample videos from a pipeline, a LoRA or a training checkpoint (Ulysses, CFG parallel)"),
     "plan": (_plan, "predict a train job's per-GPU memory (weights, optimizer, activations) and what makes it fit"),

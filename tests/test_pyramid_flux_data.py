@@ -5,6 +5,7 @@ LoRA has diffusers' Flux keys and loads with diffusers' Flux LoRA loader into a 
 computes what the trained model computes."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -119,3 +120,96 @@ def test_lora_trains_with_release_conventions_and_loads_in_diffusers(tmp_path):
         base.disable_lora()
         c = forward_packed(base, packed, torch.tensor([500.0, 20.0]), text)
     assert (a - b).abs().max().item() < 1e-5 and (a - c).abs().max().item() > 1e-3
+
+
+class TinyCausalVAE(torch.nn.Module):
+    """A stand-in with the release VAE's interface (from_pretrained, encode(video).latent_dist, decode(z).sample):
+    8x spatial, causal 8x temporal (frame 0 alone, then groups of 8), 3 -> 4 channels by a fixed linear map."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Parameter(torch.randn(4, 3, generator=g))
+
+    @classmethod
+    def from_pretrained(cls, path):
+        return cls(json.loads((Path(path) / "config.json").read_text())["seed"])
+
+    def encode(self, video_BCFHW):
+        b, c, f, h, w = video_BCFHW.shape
+        first, rest = video_BCFHW[:, :, :1], video_BCFHW[:, :, 1:].reshape(b, c, (f - 1) // 8, 8, h, w).mean(3)
+        x = torch.nn.functional.avg_pool3d(torch.cat([first, rest], 2), (1, 8, 8))
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.einsum("oc,bcfhw->bofhw", self.proj, x)))
+
+    def decode(self, z_BCFHW):
+        x = torch.einsum("co,bofhw->bcfhw", torch.linalg.pinv(self.proj), z_BCFHW)
+        x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(8, 2)], 2)
+        return SimpleNamespace(sample=x.repeat_interleave(8, 3).repeat_interleave(8, 4))
+
+
+def _text_encoders(root: Path) -> Path:
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+
+    from fastpost.data.tiny import build_tiny_text_encoder, build_tiny_tokenizer
+
+    build_tiny_text_encoder(root / "t5", d_model=16, num_layers=1)
+    tok = build_tiny_tokenizer()
+    for sub in ("tokenizer", "tokenizer_2"):
+        tok.save_pretrained(str(root / sub))
+    T5EncoderModel.from_pretrained(str(root / "t5")).save_pretrained(str(root / "text_encoder_2"))
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, eos_token_id=1,
+                                        pad_token_id=0, bos_token_id=1))
+    clip.save_pretrained(str(root / "text_encoder"))
+    return root
+
+
+def test_preprocess_videos_with_vae_class_and_release_text(tmp_path):
+    from fastpost.data.preprocess import PreprocessConfig, load_pixels
+    from fastpost.data.pyramid_preprocess import FluxText, denormalize_per_frame, preprocess_pyramid, vae_decode
+    from fastpost.data.synthetic import write_mp4
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"seed": 3}))
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(2):
+        frames = (torch.rand(9, 64, 64, 3, generator=rng) * 255).byte().numpy()
+        write_mp4(tmp_path / f"{i}.mp4", frames, 8)
+        rows.append({"path": f"{i}.mp4", "caption": f"a red circle {i}"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text_dir = _text_encoders(tmp_path / "text")
+    report = preprocess_pyramid(str(tmp_path / "metadata.jsonl"), str(tmp_path / "shards"),
+                                "tests.test_pyramid_flux_data:TinyCausalVAE", str(text_dir), LATENT_NORM,
+                                "pyramid_flux", str(tmp_path / "vae"), [(64, 64)], 9, dtype="float32")
+    assert report["samples"] == 2
+    ds = ShardDataset(tmp_path / "shards")
+    item = ds[1]
+    vae = TinyCausalVAE(3)
+    pixels, _ = load_pixels(tmp_path / "1.mp4", PreprocessConfig("", "", "", "", resolutions=[(64, 64)],
+                                                                 max_frames=9), 8)
+    raw = vae.encode(pixels[None]).latent_dist.mean[0]
+    assert item["latents"].shape == (4, 2, 8, 8)
+    assert torch.allclose(item["latents"][:, 0], (raw[:, 0] + 0.04) / 1.8726, atol=1e-6)
+    assert torch.allclose(item["latents"][:, 1], (raw[:, 1] + 0.2343) / 3.0986, atol=1e-6)
+    assert torch.allclose(denormalize_per_frame(item["latents"], LATENT_NORM), raw, atol=1e-5)
+    assert vae_decode(vae, raw[None]).shape == (1, 3, 9, 64, 64)
+    # T5 at 128 tokens with its mask, CLIP pooled: as transformers computes them
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(str(text_dir / "tokenizer_2"))
+    ids = tok(["a red circle 1"], padding="max_length", max_length=128, return_tensors="pt")
+    t5 = T5EncoderModel.from_pretrained(str(text_dir / "text_encoder_2"))
+    with torch.no_grad():
+        want = t5(ids.input_ids, attention_mask=ids.attention_mask)[0][0]
+        pooled = CLIPTextModel.from_pretrained(str(text_dir / "text_encoder"))(
+            tok(["a red circle 1"], padding="max_length", max_length=77, return_tensors="pt").input_ids).pooler_output
+    assert item["prompt_embeds"].shape == (128, 16) and torch.allclose(item["prompt_embeds"], want, atol=1e-6)
+    assert item["prompt_attention_mask"].sum() == ids.attention_mask.sum()
+    assert torch.allclose(item["pooled_prompt_embeds"], pooled[0], atol=1e-6)
+    assert FluxText(text_dir).encode([""])["prompt_attention_mask"].sum() == 1  # "" is </s> alone
+    with pytest.raises(ValueError, match="import path"):
+        from fastpost.data.pyramid_preprocess import import_class
+
+        import_class("NoModule")

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ulysses", type=int, default=None, help="SP degree (default: the world size)")
     p.add_argument("--out", required=True, help="output .pt (latents BCFHW) + .json next to it")
+    p.add_argument("--vae-class", default=None, help="decode with this VAE class ('package.module:Class', e.g. "
+                   "the release's CausalVideoVAE from your install) into an mp4 next to --out; else latents only")
+    p.add_argument("--vae-path", default=None, help="the VAE's weights folder (cls.from_pretrained)")
+    p.add_argument("--fps", type=int, default=24)
     args = p.parse_args(argv)
 
     import torch.distributed as dist
@@ -98,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             meta = {**asdict(cfg), "family": family.name, "lora": args.lora, "shape": list(latents.shape),
                     "seconds": seconds, "world": world,
                     "ulysses": dims.ulysses, "caption": item.get("caption", ""), "seed": args.seed, "i2v": args.i2v}
+            if args.vae_class:  # latents are normalised per frame (family notes) -> the VAE's own scale
+                from fastpost.data.pyramid_preprocess import denormalize_per_frame, load_vae_class, vae_decode
+                from fastpost.data.synthetic import write_mp4
+
+                vae = load_vae_class(args.vae_class, args.vae_path)
+                norm = family.notes.get("latent_norm")
+                z = denormalize_per_frame(latents[0], norm)[None] if norm else latents
+                video = vae_decode(vae, z.to(next(vae.parameters()).dtype))[0]  # [3, F, H, W] in [-1, 1]
+                frames = ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+                write_mp4(out.with_suffix(".mp4"), frames, args.fps)
+                meta["video"] = str(out.with_suffix(".mp4"))
             out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
             print(f"[fastpost] wrote {out} {list(latents.shape)} in {seconds:.2f}s", flush=True)
     finally:
