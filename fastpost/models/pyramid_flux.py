@@ -26,6 +26,7 @@ text and video apart at their boundaries (diffusers returns them separately), so
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -232,7 +233,7 @@ def apply_sequence_parallel(model: nn.Module, dims, attention_backend: str = "au
     model's forward becomes the packed call, so that FSDP's root hooks (which gather the embedders and norm_out)
     run around it as they do around any forward."""
     state = _processors_and_hooks(model, dims, attention_backend)
-    model.forward = lambda packed, timesteps_B, text: _forward(model, packed, timesteps_B, text)
+    model.forward = types.MethodType(_forward, model)  # a bound method: deepcopy rebinds it to the copy
     model._fastpost_packed_forward = True
     return state
 
