@@ -23,6 +23,9 @@ What a family provides (everything the trainer, recipes, data and sampler need, 
   parallelize()    (1) SP processors + split/gather hooks, (2) activation checkpointing, (3) FSDP2, in that order
   apply_sequence_parallel()  step (1) alone (sampling with SP and unsharded weights)
   pipeline_class   the diffusers pipeline name (LoRA export through its save_lora_weights)
+  pyramid          pyramidal families: a PyramidSpec (schedule conventions, packed model call, sampling defaults,
+                   planning hooks) read by recipe pyramid_flow and the pyramidal sampler
+  blocks_attr      one block list, or several in forward order (Flux: double- then single-stream blocks)
 """
 
 from __future__ import annotations
