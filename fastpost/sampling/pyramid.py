@@ -50,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
                    "the release's CausalVideoVAE from your install) into an mp4 next to --out; else latents only")
     p.add_argument("--vae-path", default=None, help="the VAE's weights folder (cls.from_pretrained)")
     p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--prompt", default=None, help="encode this prompt (with the family's suffix) instead of the "
+                   "shard sample's; needs --text-encoders (pyramid_flux: the release's folder)")
+    p.add_argument("--negative-prompt", default=None, help="with --prompt (default: the family's negative prompt)")
+    p.add_argument("--text-encoders", default=None, help="folder with tokenizer/ text_encoder/ tokenizer_2/ "
+                   "text_encoder_2/ (CLIP-L + T5, as the release ships them)")
     args = p.parse_args(argv)
+    if args.prompt is not None and not args.text_encoders:
+        p.error("--prompt needs --text-encoders")
 
     import torch.distributed as dist
 
@@ -89,8 +96,21 @@ def main(argv: list[str] | None = None) -> int:
             e, m, pooled = read_empty_prompt(args.shards, with_pooled=True)
             negative = dict(negative_embeds_BTD=e[None], negative_mask_BT=m[None], negative_pooled_BD=pooled[None])
         pooled = item.get("pooled_prompt_embeds")
-        fn = model_velocity(model, item["prompt_embeds"][None], item["prompt_attention_mask"][None], spec=spec,
-                            schedule=schedule, pooled_BD=None if pooled is None else pooled[None], **negative)
+        embeds, mask = item["prompt_embeds"][None], item["prompt_attention_mask"][None]
+        pooled = None if pooled is None else pooled[None]
+        caption = item.get("caption", "")
+        if args.prompt is not None:  # the release's inference: prompt + suffix, its default negative prompt
+            from fastpost.data.pyramid_preprocess import FluxText
+
+            text = FluxText(args.text_encoders, max_length=embeds.shape[1])
+            caption = args.prompt + family.notes.get("prompt_suffix", "")
+            neg = text.encode([args.negative_prompt if args.negative_prompt is not None
+                               else family.notes.get("negative_prompt", "")])
+            pos = text.encode([caption])
+            embeds, mask, pooled = pos["prompt_embeds"], pos["prompt_attention_mask"], pos["pooled_prompt_embeds"]
+            negative = dict(negative_embeds_BTD=neg["prompt_embeds"], negative_mask_BT=neg["prompt_attention_mask"],
+                            negative_pooled_BD=neg["pooled_prompt_embeds"])
+        fn = model_velocity(model, embeds, mask, spec=spec, schedule=schedule, pooled_BD=pooled, **negative)
         first = item["latents"][None, :, :1] if args.i2v else None
         t0 = time.perf_counter()
         latents = sample(fn, shape, cfg, torch.Generator().manual_seed(args.seed), first, schedule=schedule)
@@ -101,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(latents, out)
             meta = {**asdict(cfg), "family": family.name, "lora": args.lora, "shape": list(latents.shape),
                     "seconds": seconds, "world": world,
-                    "ulysses": dims.ulysses, "caption": item.get("caption", ""), "seed": args.seed, "i2v": args.i2v}
+                    "ulysses": dims.ulysses, "caption": caption, "seed": args.seed, "i2v": args.i2v}
             if args.vae_class:  # latents are normalised per frame (family notes) -> the VAE's own scale
                 from fastpost.data.pyramid_preprocess import denormalize_per_frame, load_vae_class, vae_decode
                 from fastpost.data.synthetic import write_mp4
