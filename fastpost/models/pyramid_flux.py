@@ -5,7 +5,7 @@ matching in the conventions of the release (the `MinifluxSchedule` below).
 The released transformer has diffusers' Flux parameter names and math, so a `diffusion_transformer_*` folder loads
 as it is: its config.json also carries four keys of the upstream class (interp_condition_pos, use_flash_attn,
 use_gradient_checkpointing, use_temporal_causal; plus _class_name PyramidFluxTransformer). diffusers' from_config
-ignores unknown keys (a logged warning; the builder silences it), and none of them changes the math we run: the
+ignores unknown keys (it logs their names), and none of them changes the math we run: the
 block-causal mask and the interpolated history positions are always on here, as the release was trained.
 
 The model call is not FluxTransformer2DModel.forward (its RoPE table is shared by the batch and it has no mask):
