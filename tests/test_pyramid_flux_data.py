@@ -104,6 +104,7 @@ def test_lora_trains_with_release_conventions_and_loads_in_diffusers(tmp_path):
     base = FAMILY.load(flavor="debug")
     base.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
                           if "lora_" not in k})
+    base.save_pretrained(tmp_path / "transformer")
     # what FluxPipeline.load_lora_weights does for its transformer (alphas / adapter config from the file)
     state_dict, alphas, metadata = FluxPipeline.lora_state_dict(str(tmp_path / "lora"), return_alphas=True,
                                                                 return_lora_metadata=True)
@@ -120,6 +121,22 @@ def test_lora_trains_with_release_conventions_and_loads_in_diffusers(tmp_path):
         base.disable_lora()
         c = forward_packed(base, packed, torch.tensor([500.0, 20.0]), text)
     assert (a - b).abs().max().item() < 1e-5 and (a - c).abs().max().item() > 1e-3
+
+    # the sampling command: base folder + LoRA, i2v (the shard sample's first frame), decoded by a vae_class
+    from fastpost.sampling.pyramid import main as sample_main
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"seed": 3}))
+    assert sample_main(["--family", "pyramid_flux", "--transformer", str(tmp_path / "transformer"), "--lora",
+                        str(tmp_path / "lora"), "--shards", str(tmp_path / "shards"), "--i2v", "--steps", "1,1,1",
+                        "--vae-class", "tests.test_pyramid_flux_data:TinyCausalVAE", "--vae-path",
+                        str(tmp_path / "vae"), "--out", str(tmp_path / "s.pt")]) == 0
+    latents, meta = torch.load(tmp_path / "s.pt"), json.loads((tmp_path / "s.json").read_text())
+    assert latents.shape == (1, 4, 3, 16, 16) and torch.equal(latents[0, :, :1], ds[0]["latents"][:, :1])
+    assert meta["first_frame_steps"] == [20, 20, 20] and meta["guidance_scale"] == 7.0 and meta["lora"]
+    import imageio.v3 as iio
+
+    assert iio.imread(tmp_path / "s.mp4").shape == (17, 128, 128, 3)  # 1 + 2 x 8 frames, 8x the latent size
 
 
 class TinyCausalVAE(torch.nn.Module):
