@@ -3,7 +3,7 @@ single-frame clip equals FluxTransformer2DModel.forward; a multi-clip temporal-p
 the previous unit at stage 1, the current unit, padded text, batch padding) equals a test-only reference of
 upstream's position and mask rules run through the same diffusers blocks with diffusers' own attention processor
 and an explicit SDPA mask; Ulysses SP at world 2 (3 heads) equals world 1 in output and every gradient, and
-so does pyramidal sampling with CFG (t2v, i2v); the schedule's numbers equal upstream's scheduler."""
+so does pyramidal sampling with CFG (t2v, i2v; SP, and CFG parallel); the schedule's numbers equal upstream's scheduler."""
 
 import copy
 import json
@@ -179,20 +179,25 @@ def _sp_world2(rank, world):
     # sampling with CFG (negative = another prompt, as the release's negative prompt), t2v and i2v
     sp_model = copy.deepcopy(init).eval()
     FAMILY.apply_sequence_parallel(sp_model, dims)
+    cfg_dims = ParallelDims(dp_shard=2, world_size=world)  # CFG parallel: rank 0 uncond, rank 1 cond
+    cfg_dims.build_mesh("cpu")
+    cfg_model = copy.deepcopy(init).eval()
+    FAMILY.apply_sequence_parallel(cfg_model, cfg_dims)
+    cfg = dict(cfg_group=cfg_dims.submesh("dp_shard").get_group(), cfg_rank=rank)
     for first in (None, torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(6))):
-        a, b = _sample(ref.eval(), first), _sample(sp_model, first)
+        a, b, c = _sample(ref.eval(), first), _sample(sp_model, first), _sample(cfg_model, first, **cfg)
         rel = ((a - b).abs().max() / a.abs().max()).item()  # projections of [text; video chunk] round differently
-        assert rel < 1e-5, (first is None, rel, a.abs().max())
+        assert rel < 1e-5 and ((a - c).abs().max() / a.abs().max()).item() < 1e-5, (first is None, rel)
 
 
-def _sample(model, first):
+def _sample(model, first, **cfg_parallel):
     text = _text(b=2)
     cfg = PyramidSampleConfig(steps_per_stage=(1, 2, 1), first_frame_steps=(2, 1, 1), guidance_scale=3.0,
                               video_guidance_scale=2.0)
     fn = model_velocity(model, text["prompt_embeds"][1:], text["prompt_attention_mask"][1:],
                         text["prompt_embeds"][:1], text["prompt_attention_mask"][:1], spec=FAMILY.pyramid,
                         schedule=SCHED, pooled_BD=text["pooled_prompt_embeds"][1:],
-                        negative_pooled_BD=text["pooled_prompt_embeds"][:1])
+                        negative_pooled_BD=text["pooled_prompt_embeds"][:1], **cfg_parallel)
     return sample(fn, (1, 4, 3, 8, 8), cfg, torch.Generator().manual_seed(4), first, schedule=SCHED)
 
 

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frame-per-unit", type=int, default=1)
     p.add_argument("--i2v", action="store_true", help="condition on the shard sample's first latent frame")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ulysses", type=int, default=None, help="SP degree (default: the world size)")
+    p.add_argument("--ulysses", type=int, default=None, help="SP degree (default: the world size / --cfg)")
+    p.add_argument("--cfg", type=int, default=1, choices=[1, 2], help="2: uncond and cond on separate rank groups")
     p.add_argument("--out", required=True, help="output .pt (latents BCFHW) + .json next to it")
     p.add_argument("--vae-class", default=None, help="decode with this VAE class ('package.module:Class', e.g. "
                    "the release's CausalVideoVAE from your install) into an mp4 next to --out; else latents only")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from fastpost.data.shards import ShardDataset, read_empty_prompt
-    from fastpost.distributed.parallel_dims import ParallelDims, init_distributed
+    from fastpost.distributed.parallel_dims import init_distributed
     from fastpost.models import get_family
 
     family = get_family(args.family)
@@ -72,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = lambda text, default: tuple(int(v) for v in text.split(",")) if text else default  # noqa: E731
     rank, world = init_distributed()
     try:
-        dims = ParallelDims(ulysses=args.ulysses or world, world_size=world)
-        dims.build_mesh()
+        from fastpost.sampling.mesh import SamplingMesh
+
+        guidance = max(spec.guidance if args.guidance is None else (args.guidance,))
+        mesh = SamplingMesh.build(args.cfg, args.ulysses or world // args.cfg, guidance)
+        dims = mesh.dims  # replicas x cfg x ulysses; every replica samples the same video, rank 0 writes it
         model = family.load(args.transformer).eval()
         if args.lora:
             from fastpost.lora import load_lora
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             embeds, mask, pooled = pos["prompt_embeds"], pos["prompt_attention_mask"], pos["pooled_prompt_embeds"]
             negative = dict(negative_embeds_BTD=neg["prompt_embeds"], negative_mask_BT=neg["prompt_attention_mask"],
                             negative_pooled_BD=neg["pooled_prompt_embeds"])
-        fn = model_velocity(model, embeds, mask, spec=spec, schedule=schedule, pooled_BD=pooled, **negative)
+        fn = model_velocity(model, embeds, mask, spec=spec, schedule=schedule, pooled_BD=pooled,
+                            cfg_group=mesh.cfg_group, cfg_rank=mesh.cfg_rank, **negative)
         first = item["latents"][None, :, :1] if args.i2v else None
         t0 = time.perf_counter()
         latents = sample(fn, shape, cfg, torch.Generator().manual_seed(args.seed), first, schedule=schedule)
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(latents, out)
             meta = {**asdict(cfg), "family": family.name, "lora": args.lora, "shape": list(latents.shape),
                     "seconds": seconds, "world": world,
-                    "ulysses": dims.ulysses, "caption": caption, "seed": args.seed, "i2v": args.i2v}
+                    "ulysses": dims.ulysses, "cfg": args.cfg, "caption": caption, "seed": args.seed, "i2v": args.i2v}
             if args.vae_class:  # latents are normalised per frame (family notes) -> the VAE's own scale
                 from fastpost.data.pyramid_preprocess import denormalize_per_frame, load_vae_class, vae_decode
                 from fastpost.data.synthetic import write_mp4

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -65,11 +66,14 @@ def _pad_text(e_BTD: torch.Tensor, m_BT: torch.Tensor, length: int):
 def model_velocity(model: nn.Module, prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None,
                    negative_embeds_BTD: torch.Tensor | None = None,
                    negative_mask_BT: torch.Tensor | None = None, *, spec=None, schedule: StageSchedule | None = None,
-                   pooled_BD: torch.Tensor | None = None, negative_pooled_BD: torch.Tensor | None = None) -> VelocityFn:
+                   pooled_BD: torch.Tensor | None = None, negative_pooled_BD: torch.Tensor | None = None,
+                   cfg_group=None, cfg_rank: int = 0) -> VelocityFn:
     """The model as a VelocityFn, with classifier-free guidance in one batch [uncond; cond] when guidance > 1.
     `spec` is the family's PyramidSpec (default: fastpost's own pyramid family), `schedule` its conventions (the
     model timestep of (stage, lam), positions, patch order). The default negative prompt is the empty prompt:
-    zero embeddings, all-false mask (families with pooled text pass the encoding of "" or a negative prompt)."""
+    zero embeddings, all-false mask (families with pooled text pass the encoding of "" or a negative prompt).
+    cfg_group (2 ranks: 0 uncond, 1 cond): CFG parallel; each rank runs its half and one all-gather per step brings
+    the other (the same numbers as the batched [uncond; cond] call)."""
     if spec is None:
         from fastpost.models.pyramid import FAMILY
 
@@ -94,6 +98,18 @@ def model_velocity(model: nn.Module, prompt_embeds_BTD: torch.Tensor, prompt_mas
     def velocity(current: Segment, history: list, lam: float, stage: int, guidance: float) -> torch.Tensor:
         segments = [*history, current]
         guided = guidance > 1.0
+        if guided and cfg_group is not None:  # CFG parallel: this rank's half, then the other by all-gather
+            half = (uncond, uncond_mask, None if pooled_both is None else pooled_both[:b]) if cfg_rank == 0 else \
+                (cond, cond_mask, pooled_BD)
+            packed = pack(segments, p, schedule)
+            t_B = torch.full((b,), float(schedule.model_timestep(stage, lam)), dtype=torch.float32,
+                             device=packed.tokens.device)
+            out = spec.forward(model, packed, t_B, {"prompt_embeds": half[0], "prompt_attention_mask": half[1],
+                                                    "pooled_prompt_embeds": half[2]})
+            mine = torch.cat(unpack_segment(out, packed, -1, p)).float().contiguous()
+            halves = [torch.empty_like(mine) for _ in range(2)]
+            torch.distributed.all_gather(halves, mine, group=cfg_group)
+            return halves[0] + guidance * (halves[1] - halves[0])
         if guided:
             segments = [Segment(torch.cat([s.latents] * 2), s.frame_start, s.level) for s in segments]
         packed = pack(segments, p, schedule)
