@@ -144,6 +144,20 @@ def _preprocess(argv: list[str]) -> None:
     raise SystemExit(main(argv))
 
 
+def _import_pyramid(argv: list[str]) -> None:
+    from fastpost.data.pyramid_import import main
+    from fastpost.models import get_family
+
+    raise SystemExit(main(argv, get_family))  # the composition root hands data its family
+
+
+def _preprocess_pyramid(argv: list[str]) -> None:
+    from fastpost.data.pyramid_preprocess import main
+    from fastpost.models import get_family
+
+    raise SystemExit(main(argv, get_family))
+
+
 def _sample(argv: list[str]) -> None:
     from fastpost.sampling import main
 
@@ -251,6 +265,10 @@ def _demo(argv: list[str]) -> None:
 # name -> (runner, one-line purpose); the order is the order of a project: data, train, sample
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "preprocess": (_preprocess, "encode captioned videos/images into latent + text-embedding shards"),
+    "import-pyramid": (_import_pyramid, "import Pyramid Flow's extracted latents + text features into shards "
+                                        "(pyramid_flux)"),
+    "preprocess-pyramid": (_preprocess_pyramid, "videos -> pyramid_flux shards: your VAE class (vae_class), T5-128 + "
+                                                "CLIP-L pooled"),
     "train": (_train, "train from a job file: LoRA or full finetune, distillation (FSDP2 + Ulysses)"),
     "sample": (_sample, "sample videos from a pipeline, a LoRA or a training checkpoint (Ulysses, CFG parallel)"),
     "serve": (_serve, "a web page over the sampler: rank 0 serves it, every request runs on all ranks (SP x CFG)"),

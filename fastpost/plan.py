@@ -121,6 +121,8 @@ def vae_config(family, cfg) -> dict:
     VAEs' compression; the debug flavors use the family's tiny VAE config)."""
     import diffusers
 
+    if family.vae is None:  # the VAE is not fastpost's (pyramid_flux): its compression is a family fact
+        return {}
     if cfg.model.pretrained and (Path(cfg.model.pretrained) / "vae" / "config.json").is_file():
         return json.loads((Path(cfg.model.pretrained) / "vae" / "config.json").read_text())
     params = inspect.signature(getattr(diffusers, family.vae.class_name).__init__).parameters
@@ -130,7 +132,10 @@ def vae_config(family, cfg) -> dict:
 
 
 def sequence(family, config: dict, vae: dict, plan: PlanConfig) -> tuple[int, int]:
-    """(video tokens, text tokens) per sample at the plan's clip size."""
+    """(video tokens, text tokens) per sample at the plan's clip size (pyramidal families: the longest packed
+    sequence their recipe trains, see PyramidSpec.plan_sequence)."""
+    if family.pyramid is not None and family.pyramid.plan_sequence is not None:
+        return family.pyramid.plan_sequence(config, plan.height, plan.width, plan.frames)
     spatial, temporal = family.vae.factors_fn(vae)
     latent_frames = (plan.frames - 1) // temporal + 1
     p_t, p_h, p_w = family.patch_sizes(config)
@@ -144,6 +149,9 @@ def _probe_config(config: dict, heads: int) -> tuple[dict, float]:
     """The config at `heads` heads (head_dim kept, so attention runs the same kernel) and its width ratio."""
     scale = config["num_attention_heads"] / heads
     probe = {**config, "num_attention_heads": heads, "num_layers": 2, _text_key(config): 64}
+    if "num_single_layers" in config:  # Flux: block 0 (double-stream) is measured; one single block suffices
+        probe.update(num_single_layers=1, joint_attention_dim=64)
+        probe.pop("text_embed_dim", None)
     if "pooled_projection_dim" in config:  # Mochi's text stream width inside the blocks
         probe["pooled_projection_dim"] = max(8, int(config["pooled_projection_dim"] / scale) // 8 * 8)
     for key in ("ffn_dim", "added_kv_proj_dim"):  # Wan's FFN and I2V image k/v widths follow the model width
@@ -216,12 +224,16 @@ def _measure(family_name: str, config_json: str, video_grid: tuple[int, int, int
     handles += [b.register_forward_hook(post, with_kwargs=True) for b in blocks]
     p_t, p_h, p_w = family.patch_sizes(config)
     f, h, w = video_grid
-    channels = config["in_channels"]
-    latents = torch.randn(1, channels, f * p_t, h * p_h, w * p_w)
-    embeds = torch.randn(1, text, config[_text_key(config)])
-    mask = torch.ones(1, text, dtype=torch.bool)
+    if family.pyramid is not None and family.pyramid.probe is not None:  # its own model call (packed sequences)
+        run = family.pyramid.probe(model, config, video_grid, text)
+    else:
+        channels = config["in_channels"]
+        latents = torch.randn(1, channels, f * p_t, h * p_h, w * p_w)
+        embeds = torch.randn(1, text, config[_text_key(config)])
+        mask = torch.ones(1, text, dtype=torch.bool)
+        run = lambda: family.predict(model, latents, torch.tensor([500]), embeds, mask)  # noqa: E731
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = family.predict(model, latents, torch.tensor([500]), embeds, mask)
+        out = run()
     out.float().square().mean().backward()
     for h_ in handles:
         h_.remove()

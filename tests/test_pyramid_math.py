@@ -142,16 +142,16 @@ class PointMassOracle:
     def __init__(self, x0: torch.Tensor, sched: StageSchedule):
         self.x0, self.sched, self.calls, self.start_noise = x0.double(), sched, [], []
 
-    def __call__(self, current: Segment, history: list, sigma: float, stage: int, guidance: float):
+    def __call__(self, current: Segment, history: list, lam: float, stage: int, guidance: float):
         s0, s1 = self.sched.window(stage)
+        sigma = self.sched.sigma_of(stage, lam)
         level = self.sched.level(stage)
         f0, nf = current.frame_start, current.latents.shape[2]
         x0u = self.x0[:, :, f0:f0 + nf]
         d = down(x0u, level)
         u = up(down(x0u, level + 1)) if stage > 0 else torch.zeros_like(d)
-        lam = (sigma - s1) / (s0 - s1)
         n = (current.latents.double() - lam * (1 - s0) * u - (1 - lam) * (1 - s1) * d) / sigma
-        if stage > 0 and sigma == s0:  # right after a renoise jump
+        if stage > 0 and lam == 1.0:  # right after a renoise jump
             self.start_noise.append(n)
         self.calls.append((f0, stage, [(h.frame_start, h.level) for h in history]))
         return (((1 - s0) * u + s0 * n) - ((1 - s1) * d + s1 * n)).float() / (s0 - s1)

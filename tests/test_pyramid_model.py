@@ -115,7 +115,7 @@ def test_pyramid_flow_recipe_draws_and_gradients():
         recipe.loss(_batch(hw=6), torch.Generator())
     with pytest.raises(ValueError, match="stage_weights"):
         recipe_cls(recipe_cls.Config(stage_weights=(1.0, 1.0)), _ctx(model))
-    with pytest.raises(ValueError, match="trains the 'pyramid' family"):
+    with pytest.raises(ValueError, match="trains pyramidal families"):
         recipe_cls(recipe_cls.Config(), _ctx(model, get_family("mochi")))
 
 

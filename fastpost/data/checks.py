@@ -107,6 +107,8 @@ def check_shards_for_model(dataset: ShardDataset, family: Any, model_config: Any
     latents, embeds, _ = _sample_shapes(dataset)
     # the video latents' channels: an I2V transformer's in_channels also count the image channels it concatenates
     channels = _get(model_config, "out_channels") or _get(model_config, "in_channels")
+    if channels is not None and getattr(family, "latent_patch", None):  # 2x2 patches packed as features (Flux)
+        channels //= family.latent_patch[1] * family.latent_patch[2]
     for shape in sorted(latents):
         if channels is not None and shape[0] != channels:
             raise DataModelMismatch(f"the shards hold latents with {shape[0]} channels (shape {list(shape)}) but the "

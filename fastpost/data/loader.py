@@ -21,7 +21,7 @@ from typing import Any, Hashable, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastpost.data.shards import TENSOR_FIELDS, ShardDataset, ShardError
+from fastpost.data.shards import OPTIONAL_TENSOR_FIELDS, TENSOR_FIELDS, ShardDataset, ShardError
 
 @dataclass
 class LoaderConfig:
@@ -165,9 +165,13 @@ def collate(samples: list[dict[str, Any]], indices: list[int] | None = None) -> 
                          f"batches must come from BucketBatchSampler (one shape per batch)")
     batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in TENSOR_FIELDS}
     # image-to-video conditioning (the shard header's conditioning.fields): what family.predict takes as `cond`
-    extra = [k for k in samples[0] if isinstance(samples[0][k], torch.Tensor) and k not in TENSOR_FIELDS]
+    extra = [k for k in samples[0] if isinstance(samples[0][k], torch.Tensor) and k not in TENSOR_FIELDS
+             and k not in OPTIONAL_TENSOR_FIELDS]
     if extra:
         batch["cond"] = {k: torch.stack([s[k] for s in samples]) for k in extra}
+    for k in OPTIONAL_TENSOR_FIELDS:  # e.g. pooled_prompt_embeds [B, D]: stacked when every sample has it
+        if all(k in s for s in samples):
+            batch[k] = torch.stack([s[k] for s in samples])
     batch["captions"] = [s["caption"] for s in samples]
     batch["sources"] = [s["source"] for s in samples]
     batch["buckets"] = [s["bucket"] for s in samples]

@@ -34,6 +34,8 @@ FORMAT = "fastpost-shards"
 VERSION = 1
 MANIFEST = "manifest.jsonl"
 TENSOR_FIELDS = ("latents", "prompt_embeds", "prompt_attention_mask")
+# tensors some families need besides those (pyramid_flux: the CLIP-L pooled prompt [D]); stored when given
+OPTIONAL_TENSOR_FIELDS = ("pooled_prompt_embeds",)
 _FIX = "rerun preprocessing into this folder (python -m fastpost.data.preprocess ...); completed shards are kept"
 
 
@@ -123,22 +125,29 @@ def write_shard(root: str | Path, index: int, samples: list[dict[str, Any]]) -> 
 EMPTY_PROMPT = "empty_prompt.safetensors"
 
 
-def write_empty_prompt(root: str | Path, embeds_TD: torch.Tensor, mask_T: torch.Tensor) -> None:
+def write_empty_prompt(root: str | Path, embeds_TD: torch.Tensor, mask_T: torch.Tensor,
+                       pooled_D: torch.Tensor | None = None) -> None:
     """Store the encoding of "" next to the manifest (atomically; rewriting it with the same values is harmless)."""
-    data = safetensors_save({"prompt_embeds": embeds_TD.detach().cpu().contiguous(),
-                             "prompt_attention_mask": mask_T.detach().cpu().contiguous()},
+    tensors = {"prompt_embeds": embeds_TD, "prompt_attention_mask": mask_T}
+    if pooled_D is not None:
+        tensors["pooled_prompt_embeds"] = pooled_D
+    data = safetensors_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                             metadata={"format": FORMAT, "prompt": ""})
     atomic_write_bytes(Path(root) / EMPTY_PROMPT, data)
 
 
-def read_empty_prompt(root: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds [T,D], prompt_attention_mask [T]) of "" as preprocessing encoded it."""
+def read_empty_prompt(root: str | Path, with_pooled: bool = False):
+    """(prompt_embeds [T,D], prompt_attention_mask [T]) of "" as preprocessing encoded it; with_pooled adds its
+    pooled_prompt_embeds [D] (None when the shards have none)."""
     path = Path(root) / EMPTY_PROMPT
     if not path.is_file():
         raise ShardError(f"{path} is missing: the shards were written by an older fastpost, which did not store the "
                          f"encoding of the empty prompt (needed for guidance and caption_dropout); {_FIX}")
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("prompt_embeds"), f.get_tensor("prompt_attention_mask")
+        out = (f.get_tensor("prompt_embeds"), f.get_tensor("prompt_attention_mask"))
+        if with_pooled:
+            out += (f.get_tensor("pooled_prompt_embeds") if "pooled_prompt_embeds" in f.keys() else None,)
+        return out
 
 
 def append_manifest(root: str | Path, entry: dict[str, Any]) -> None:
@@ -332,7 +341,7 @@ class ShardDataset:
         ref, record = self.samples[i], self._records[i]
         h = self._handle(ref.shard)
         out: dict[str, Any] = {"caption": ref.caption, "source": ref.source, "bucket": ref.bucket}
-        for k in self.fields:
+        for k in [*self.fields, *(k for k in OPTIONAL_TENSOR_FIELDS if f"{k}_shape" in record)]:
             name = f"{ref.key}.{k}"
             try:
                 t = h.get_tensor(name)

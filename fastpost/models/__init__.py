@@ -25,6 +25,9 @@ What a family provides (everything the trainer, recipes, data and sampler need, 
   parallelize()    (1) SP processors + split/gather hooks, (2) activation checkpointing, (3) FSDP2, in that order
   apply_sequence_parallel()  step (1) alone (sampling with SP and unsharded weights)
   pipeline_class   the diffusers pipeline name (LoRA export through its save_lora_weights)
+  pyramid          pyramidal families: a PyramidSpec (schedule conventions, packed model call, sampling defaults,
+                   planning hooks) read by recipe pyramid_flow and the pyramidal sampler
+  blocks_attr      one block list, or several in forward order (Flux: double- then single-stream blocks)
 """
 
 from __future__ import annotations
@@ -83,17 +86,24 @@ class ImageConditioning:
     processor_class: str = "CLIPImageProcessor"
 
 
+def _blocks_of(model: nn.Module, blocks_attr: str | tuple[str, ...]) -> list[nn.Module]:
+    """The blocks of one block list, or of several in forward order (Flux: double-, then single-stream)."""
+    names = (blocks_attr,) if isinstance(blocks_attr, str) else tuple(blocks_attr)
+    return [block for name in names for block in getattr(model, name)]
+
+
 def sequence_parallel_on_blocks(processor_fn: Callable[[nn.Module, Any], None], gather_attr: str,
-                                blocks_attr: str = "transformer_blocks") -> Callable:
+                                blocks_attr: str | tuple[str, ...] = "transformer_blocks") -> Callable:
     """The SP step every family shares: one SPState for the model, `processor_fn(block, state)` on every block
     (also with SP off: the processors then run plain attention through fastpost's attention backends), and with
-    SP on the hooks that split the video tokens entering block 0 and gather them entering `gather_attr`."""
+    SP on the hooks that split the video tokens entering block 0 and gather them entering `gather_attr`.
+    `blocks_attr` may name several block lists (their blocks in forward order); the split is on the first block."""
 
     def apply(model: nn.Module, dims, attention_backend: str = "auto"):
         from fastpost.distributed.ulysses import SPGroup, SPState, install_sequence_hooks
 
         state = SPState(SPGroup.from_dims(dims), backend=attention_backend)
-        blocks = getattr(model, blocks_attr)
+        blocks = _blocks_of(model, blocks_attr)
         for block in blocks:
             processor_fn(block, state)
         if state.sp is not None:
@@ -109,7 +119,7 @@ def sequence_parallel_on_blocks(processor_fn: Callable[[nn.Module, Any], None], 
 class ModelFamily:
     name: str
     diffusers_class: type  # e.g. diffusers.CogVideoXTransformer3DModel
-    block_class: type  # the transformer block class; one FSDP unit each
+    block_class: type | tuple[type, ...]  # the transformer block class(es); one FSDP / AC unit each
     pipeline_class: str  # name of the diffusers pipeline class (LoRA export: <pipeline>.save_lora_weights)
     flavors: Mapping[str, dict]  # flavor name -> diffusers config dict (kwargs of diffusers_class)
     prediction_type: str  # "v_prediction" | "flow_matching"
@@ -132,7 +142,15 @@ class ModelFamily:
     # version (CogVideoX 1.0: 8, 1.5: 16); None: the pipeline's fps
     training_fps_fn: Callable[[Any], int] | None = None
     default_flavor: str = "debug"
-    blocks_attr: str = "transformer_blocks"
+    # the block list(s): one attribute name, or several in forward order (Flux's double- then single-stream
+    # blocks); blocks() concatenates them, so SP processors, AC and FSDP units cover every block
+    blocks_attr: str | tuple[str, ...] = "transformer_blocks"
+    # (t, h, w) latent voxels per video token when the caller patchifies outside the model and the config's
+    # patch_size does not say it (Flux: patch_size 1, 2x2 latent patches packed as features); None: from config
+    latent_patch: tuple[int, int, int] | None = None
+    # pyramidal flow matching: a fastpost.models.pyramid.pyramid.PyramidSpec (the schedule conventions the model
+    # was trained with, its packed-sequence model call); read by recipe pyramid_flow and the pyramidal sampler
+    pyramid: Any = None
     notes: Mapping[str, Any] = field(default_factory=dict)  # free-form facts for people (not read by code)
 
     def __post_init__(self) -> None:
@@ -183,7 +201,7 @@ class ModelFamily:
         return module
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(getattr(model, self.blocks_attr))
+        return _blocks_of(model, self.blocks_attr)
 
     # ---- parallelism and the model call -------------------------------------------------------------------------
     def parallelize(self, model: nn.Module, dims, ac=None, fsdp=None, attention_backend: str = "auto") -> nn.Module:
@@ -211,6 +229,8 @@ class ModelFamily:
     def patch_sizes(self, config: Any) -> tuple[int, int, int]:
         """(frames, height, width) latent voxels per video token, from a transformer config whose patch_size is an
         int (+ optional patch_size_t) or a (t, h, w) tuple (Wan)."""
+        if self.latent_patch is not None:
+            return tuple(self.latent_patch)
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         p = get("patch_size")
         if isinstance(p, (tuple, list)):

@@ -22,6 +22,7 @@ from fastpost.distributed.fsdp import compute_dtype
 from fastpost.distributed.ulysses import SPState
 from fastpost.models import ModelFamily, PipelineFacts, sequence_parallel_on_blocks
 from fastpost.models.pyramid.packing import Packed, Segment, pack, unpack_segment
+from fastpost.models.pyramid.pyramid import PyramidSpec, StageSchedule
 from fastpost.models.pyramid.transformer import PyramidBlock, PyramidDiTModel
 
 FLAVORS = {
@@ -61,6 +62,10 @@ def predict(model: nn.Module, noisy_latents_BCFHW: torch.Tensor, timesteps_B: to
     return torch.cat(unpack_segment(out, packed, 0, p))
 
 
+def _forward_text(model: nn.Module, packed: Packed, timesteps_B: torch.Tensor, text: dict) -> torch.Tensor:
+    return forward_packed(model, packed, timesteps_B, text["prompt_embeds"], text.get("prompt_attention_mask"))
+
+
 def video_tokens(config, latent_shape_BCFHW: tuple) -> int:
     _, _, frames, height, width = latent_shape_BCFHW
     return frames * (height // config.patch_size) * (width // config.patch_size)
@@ -92,6 +97,8 @@ FAMILY = ModelFamily(
     text=None,
     pipeline=PipelineFacts("flow_euler"),  # predict() is one-stage flow matching; the pyramidal sampler is sampling.py
     scheduler_samplers={"FlowMatchEulerDiscreteScheduler": "flow_euler"},
+    # fastpost's own conventions (t = 1000 sigma, d x / d sigma targets, full-resolution positions)
+    pyramid=PyramidSpec(schedule=StageSchedule, forward=_forward_text, patch=lambda config: config.patch_size),
     lora_targets=r".*transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj)$",
     notes=dict(text_encoder="any (prompt_embeds [B, T, text_embed_dim] from the latent shards)",
                latent_layout="BCFHW", recipe="pyramid_flow",

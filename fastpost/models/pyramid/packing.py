@@ -30,21 +30,27 @@ class Packed:
     positions: torch.Tensor  # [B, S, 3] float (frame, row, column) in full-resolution patch units
     token_mask: torch.Tensor | None  # [B, S] bool, True = real token; None = all real
     layouts: list[list[tuple[int, tuple[int, ...]]]]  # per sample: (token offset, latents shape [C, F, h, w])
+    channels_last: bool = False  # patch features (p1 p2 c) instead of (c p1 p2)
 
 
-def patchify(x_BCFHW: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, C, F, h, w] -> [B, F*(h/p)*(w/p), C*p*p] (token order frame, row, column; features channel-major)."""
+def patchify(x_BCFHW: torch.Tensor, p: int, channels_last: bool = False) -> torch.Tensor:
+    """[B, C, F, h, w] -> [B, F*(h/p)*(w/p), C*p*p] (token order frame, row, column; features (c p1 p2), or
+    (p1 p2 c) with channels_last, the order of Flux-style models)."""
     b, c, f, h, w = x_BCFHW.shape
     if h % p or w % p:
         raise ValueError(f"latent {h}x{w} is not divisible by the patch size {p}")
-    x = x_BCFHW.reshape(b, c, f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6)
+    x = x_BCFHW.reshape(b, c, f, h // p, p, w // p, p)
+    x = x.permute(0, 2, 3, 5, 4, 6, 1) if channels_last else x.permute(0, 2, 3, 5, 1, 4, 6)
     return x.reshape(b, f * (h // p) * (w // p), c * p * p)
 
 
-def unpatchify(tokens_BND: torch.Tensor, shape_CFHW: tuple[int, ...], p: int) -> torch.Tensor:
+def unpatchify(tokens_BND: torch.Tensor, shape_CFHW: tuple[int, ...], p: int, channels_last: bool = False):
     c, f, h, w = shape_CFHW
     b = tokens_BND.shape[0]
-    x = tokens_BND.reshape(b, f, h // p, w // p, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+    if channels_last:
+        x = tokens_BND.reshape(b, f, h // p, w // p, p, p, c).permute(0, 6, 1, 2, 4, 3, 5)
+    else:
+        x = tokens_BND.reshape(b, f, h // p, w // p, c, p, p).permute(0, 4, 1, 2, 5, 3, 6)
     return x.reshape(b, c, f, h, w)
 
 
@@ -58,20 +64,27 @@ def segment_positions(frames: int, frame_start: int, h_tokens: int, w_tokens: in
     return grid.reshape(-1, 3)
 
 
-def pack(segments: list[Segment], p: int) -> Packed:
-    """Concatenate segments (same structure for every sample of the batch) into one token sequence."""
+def pack(segments: list[Segment], p: int, schedule=None) -> Packed:
+    """Concatenate segments (same structure for every sample of the batch) into one token sequence. `schedule`
+    (a StageSchedule; None: fastpost's) sets the patch feature order and the position rule."""
     if not segments:
         raise ValueError("a sequence needs at least one segment")
+    channels_last = bool(getattr(schedule, "channels_last", False))
     tokens, positions, layout, offset = [], [], [], 0
     b = segments[0].latents.shape[0]
+    cur_h, cur_w = (n // p for n in segments[-1].latents.shape[-2:])
     for seg in segments:
         _, c, f, h, w = seg.latents.shape
-        tokens.append(patchify(seg.latents, p))
-        positions.append(segment_positions(f, seg.frame_start, h // p, w // p, seg.level))
+        tokens.append(patchify(seg.latents, p, channels_last))
+        if schedule is None:
+            positions.append(segment_positions(f, seg.frame_start, h // p, w // p, seg.level))
+        else:
+            positions.append(schedule.positions(f, seg.frame_start, h // p, w // p, seg.level, (cur_h, cur_w)))
         layout.append((offset, (c, f, h, w)))
         offset += tokens[-1].shape[1]
     pos = torch.cat(positions).to(device=segments[0].latents.device, dtype=torch.float32)
-    return Packed(torch.cat(tokens, dim=1), pos.expand(b, -1, -1), None, [list(layout) for _ in range(b)])
+    return Packed(torch.cat(tokens, dim=1), pos.expand(b, -1, -1), None, [list(layout) for _ in range(b)],
+                  channels_last)
 
 
 def pad_batch(samples: list[Packed]) -> Packed:
@@ -83,7 +96,8 @@ def pad_batch(samples: list[Packed]) -> Packed:
     positions = torch.cat([F.pad(s.positions, (0, 0, 0, n - s.positions.shape[1]), value=1e6) for s in samples])
     token_mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).to(tokens.device)
     layouts = [lay for s in samples for lay in s.layouts]
-    return Packed(tokens, positions, None if all(v == n for v in lengths) else token_mask, layouts)
+    return Packed(tokens, positions, None if all(v == n for v in lengths) else token_mask, layouts,
+                  samples[0].channels_last)
 
 
 def unpack_segment(out_BSD: torch.Tensor, packed: Packed, index: int, p: int) -> list[torch.Tensor]:
@@ -93,5 +107,5 @@ def unpack_segment(out_BSD: torch.Tensor, packed: Packed, index: int, p: int) ->
         offset, shape = layout[index]
         c, f, h, w = shape
         n = f * (h // p) * (w // p)
-        outs.append(unpatchify(out_BSD[b:b + 1, offset:offset + n], shape, p))
+        outs.append(unpatchify(out_BSD[b:b + 1, offset:offset + n], shape, p, packed.channels_last))
     return outs

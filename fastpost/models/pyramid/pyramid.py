@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 
@@ -132,6 +133,66 @@ class StageSchedule:
             raise ValueError(f"each stage needs at least one step, got {steps}")
         s0, s1 = self.window(stage)
         return torch.linspace(s0, s1, steps + 1, dtype=torch.float64)
+
+    # ---- the conventions a model is trained and sampled with (fastpost's own here; a family whose released
+    # weights were trained otherwise subclasses this, e.g. pyramid_flux.MinifluxSchedule). In a stage, lam runs
+    # from 1 (its start) to 0 (its end): x = end + lam (start - end), sigma = sigma_end + lam (sigma_start - ...).
+    channels_last: ClassVar[bool] = False  # patch features (c p1 p2); True: (p1 p2 c)
+    default_stage_weights: ClassVar[tuple[float, ...] | None] = None  # None: every stage equally often
+    null_text: ClassVar[str] = "zeros"  # the unconditional prompt: zero embeddings + all-false mask ("empty_prompt": encoded "")
+
+    def lam_from_uniform(self, u_B: torch.Tensor) -> torch.Tensor:
+        """Training lam from U(0, 1) draws (or logit-normal ones)."""
+        return u_B.double()
+
+    def sigma_of(self, stage: int, lam):
+        s0, s1 = self.window(stage)
+        return s1 + lam * (s0 - s1)
+
+    def model_timestep(self, stage: int, lam):
+        """The timestep the model is called with: 1000 sigma (the same noise level means the same t everywhere)."""
+        return 1000.0 * self.sigma_of(stage, lam)
+
+    def target_scale(self, stage: int) -> float:
+        """target = target_scale * (start - end): 1 / (sigma_start - sigma_end) gives d x / d sigma."""
+        s0, s1 = self.window(stage)
+        return 1.0 / (s0 - s1)
+
+    def lam_grid(self, stage: int, steps: int) -> list[float]:
+        """The Euler grid of one stage in lam, 1 first and 0 last (steps + 1 points, uniform in sigma)."""
+        s0, s1 = self.window(stage)
+        return [(s - s1) / (s0 - s1) for s in self.sigmas(stage, steps).tolist()]
+
+    def euler_step(self, stage: int, lam: float, lam_next: float) -> float:
+        """The factor of the model output in one Euler step x <- x + factor * v (v estimates the target)."""
+        return (lam_next - lam) / self.target_scale(stage)
+
+    def positions(self, frames: int, frame_start: int, h_tokens: int, w_tokens: int, level: int,
+                  current_hw: tuple[int, int]) -> torch.Tensor:
+        """[F*h*w, 3] (frame, row, column) of a segment's tokens: full-resolution patch units (packing.py)."""
+        from fastpost.models.pyramid.packing import segment_positions
+
+        return segment_positions(frames, frame_start, h_tokens, w_tokens, level)
+
+
+@dataclass(frozen=True)
+class PyramidSpec:
+    """What recipe pyramid_flow and the pyramidal sampler need from a family (ModelFamily.pyramid)."""
+
+    schedule: type  # a StageSchedule subclass: schedule(stage_range, gamma) -> the conventions
+    forward: Callable  # (model, Packed, timesteps_B, text: dict of prompt_embeds/_attention_mask[/pooled]) -> out
+    patch: Callable | int  # latent patch size: an int, or (model.config) -> int
+    guidance: tuple[float, float] = (7.0, 5.0)  # default CFG of the first frame, of later units
+    first_frame_steps: tuple[int, ...] = (10, 10, 10)  # default Euler steps per stage of the first-frame unit
+    steps: tuple[int, ...] = (10, 10, 10)  # of later units
+    # planning (fastpost plan), for families whose VAE is not fastpost's: (config, height, width, frames) ->
+    # (video tokens, text tokens) of the longest sequence training packs; and (probe model, config, (f, h, w)
+    # token grid, text tokens) -> a callable running one forward of the probe model. None: the generic planner.
+    plan_sequence: Callable | None = None
+    probe: Callable | None = None
+
+    def patch_size(self, model) -> int:
+        return self.patch if isinstance(self.patch, int) else int(self.patch(model.config))
 
 
 # ---- the flow inside a stage --------------------------------------------------------------------------------------

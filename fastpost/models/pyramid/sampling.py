@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -34,7 +35,9 @@ from fastpost.models.pyramid.pyramid import (
     PAPER_STAGE_RANGE, StageSchedule, block_noise, down, frame_units, history_stages, renoise, up,
 )
 
-# (current unit segment, history segments, sigma, stage, guidance scale) -> velocity, shaped like the current unit
+# (current unit segment, history segments, lam, stage, guidance scale) -> the estimate of the schedule's target
+# (target_scale * (start - end): d x / d sigma for fastpost's schedule), shaped like the current unit. lam runs
+# from 1 (stage start) to 0 (stage end); the schedule maps it to sigma and to the model timestep.
 VelocityFn = Callable[[Segment, list, float, int, float], torch.Tensor]
 
 
@@ -43,14 +46,16 @@ class PyramidSampleConfig:
     stage_range: tuple[float, ...] = PAPER_STAGE_RANGE  # must match training
     gamma: float = 1.0 / 3.0  # must match training
     steps_per_stage: tuple[int, ...] = (10, 10, 10)  # Euler steps of each stage, coarse to fine
+    first_frame_steps: tuple[int, ...] | None = None  # of the first-frame unit (None: steps_per_stage)
     guidance_scale: float = 7.0  # the first-frame unit
     video_guidance_scale: float = 5.0  # later units; <= 1 disables CFG for them
     temporal_pyramid: bool = True  # False: the whole clip is one unit (full-sequence pyramidal sampling)
     frame_per_unit: int = 1
     max_history_units: int | None = None
 
-    def schedule(self) -> StageSchedule:
-        return StageSchedule(tuple(self.stage_range), self.gamma)
+    def schedule(self, schedule_class: type = StageSchedule) -> StageSchedule:
+        """The family's conventions (ModelFamily.pyramid.schedule) on these stage boundaries."""
+        return schedule_class(tuple(self.stage_range), self.gamma)
 
 
 def _pad_text(e_BTD: torch.Tensor, m_BT: torch.Tensor, length: int):
@@ -60,12 +65,21 @@ def _pad_text(e_BTD: torch.Tensor, m_BT: torch.Tensor, length: int):
 
 def model_velocity(model: nn.Module, prompt_embeds_BTD: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None,
                    negative_embeds_BTD: torch.Tensor | None = None,
-                   negative_mask_BT: torch.Tensor | None = None) -> VelocityFn:
+                   negative_mask_BT: torch.Tensor | None = None, *, spec=None, schedule: StageSchedule | None = None,
+                   pooled_BD: torch.Tensor | None = None, negative_pooled_BD: torch.Tensor | None = None,
+                   cfg_group=None, cfg_rank: int = 0) -> VelocityFn:
     """The model as a VelocityFn, with classifier-free guidance in one batch [uncond; cond] when guidance > 1.
-    The default negative prompt is the empty prompt: zero embeddings, all-false mask."""
-    from fastpost.models.pyramid import forward_packed
+    `spec` is the family's PyramidSpec (default: fastpost's own pyramid family), `schedule` its conventions (the
+    model timestep of (stage, lam), positions, patch order). The default negative prompt is the empty prompt:
+    zero embeddings, all-false mask (families with pooled text pass the encoding of "" or a negative prompt).
+    cfg_group (2 ranks: 0 uncond, 1 cond): CFG parallel; each rank runs its half and one all-gather per step brings
+    the other (the same numbers as the batched [uncond; cond] call)."""
+    if spec is None:
+        from fastpost.models.pyramid import FAMILY
 
-    p = model.config.patch_size
+        spec = FAMILY.pyramid
+    schedule = schedule if schedule is not None else spec.schedule()
+    p = spec.patch_size(model)
     b, t = prompt_embeds_BTD.shape[:2]
     mask = (torch.ones(b, t, dtype=torch.bool, device=prompt_embeds_BTD.device) if prompt_mask_BT is None
             else prompt_mask_BT.bool())
@@ -76,16 +90,36 @@ def model_velocity(model: nn.Module, prompt_embeds_BTD: torch.Tensor, prompt_mas
     cond, cond_mask = _pad_text(prompt_embeds_BTD, mask, length)
     uncond, uncond_mask = _pad_text(neg, neg_mask, length)
     both, both_mask = torch.cat([uncond, cond]), torch.cat([uncond_mask, cond_mask])
+    pooled_both = None
+    if pooled_BD is not None:
+        neg_pooled = torch.zeros_like(pooled_BD) if negative_pooled_BD is None else negative_pooled_BD
+        pooled_both = torch.cat([neg_pooled.expand_as(pooled_BD), pooled_BD])
 
-    def velocity(current: Segment, history: list, sigma: float, stage: int, guidance: float) -> torch.Tensor:
+    def velocity(current: Segment, history: list, lam: float, stage: int, guidance: float) -> torch.Tensor:
         segments = [*history, current]
         guided = guidance > 1.0
+        if guided and cfg_group is not None:  # CFG parallel: this rank's half, then the other by all-gather
+            half = (uncond, uncond_mask, None if pooled_both is None else pooled_both[:b]) if cfg_rank == 0 else \
+                (cond, cond_mask, pooled_BD)
+            packed = pack(segments, p, schedule)
+            t_B = torch.full((b,), float(schedule.model_timestep(stage, lam)), dtype=torch.float32,
+                             device=packed.tokens.device)
+            out = spec.forward(model, packed, t_B, {"prompt_embeds": half[0], "prompt_attention_mask": half[1],
+                                                    "pooled_prompt_embeds": half[2]})
+            mine = torch.cat(unpack_segment(out, packed, -1, p)).float().contiguous()
+            halves = [torch.empty_like(mine) for _ in range(2)]
+            torch.distributed.all_gather(halves, mine, group=cfg_group)
+            return halves[0] + guidance * (halves[1] - halves[0])
         if guided:
             segments = [Segment(torch.cat([s.latents] * 2), s.frame_start, s.level) for s in segments]
-        packed = pack(segments, p)
+        packed = pack(segments, p, schedule)
         n = packed.tokens.shape[0]
-        t_B = torch.full((n,), 1000.0 * sigma, dtype=torch.float32, device=packed.tokens.device)
-        out = forward_packed(model, packed, t_B, both if guided else cond, both_mask if guided else cond_mask)
+        t_B = torch.full((n,), float(schedule.model_timestep(stage, lam)), dtype=torch.float32,
+                         device=packed.tokens.device)
+        text = ({"prompt_embeds": both, "prompt_attention_mask": both_mask, "pooled_prompt_embeds": pooled_both}
+                if guided else {"prompt_embeds": cond, "prompt_attention_mask": cond_mask,
+                                "pooled_prompt_embeds": pooled_BD})
+        out = spec.forward(model, packed, t_B, text)
         v = torch.cat(unpack_segment(out, packed, -1, p)).float()
         if not guided:
             return v
@@ -98,13 +132,15 @@ def model_velocity(model: nn.Module, prompt_embeds_BTD: torch.Tensor, prompt_mas
 @torch.no_grad()
 def sample(velocity_fn: VelocityFn, shape_BCFHW: tuple[int, ...], cfg: PyramidSampleConfig,
            generator: torch.Generator, first_frame_BC1HW: torch.Tensor | None = None,
-           device: torch.device | str = "cpu") -> torch.Tensor:
+           device: torch.device | str = "cpu", schedule: StageSchedule | None = None) -> torch.Tensor:
     """Latents [B, C, F, H, W] (full resolution). Noise comes only from `generator` (CPU), so every SP rank that
-    passes the same seed runs the same loop."""
-    sched = cfg.schedule()
+    passes the same seed runs the same loop. `schedule`: the family's conventions (default: cfg.schedule())."""
+    sched = schedule if schedule is not None else cfg.schedule()
     k_stages = sched.num_stages
-    if len(cfg.steps_per_stage) != k_stages:
-        raise ValueError(f"steps_per_stage has {len(cfg.steps_per_stage)} entries for {k_stages} stages")
+    for name in ("steps_per_stage", "first_frame_steps"):
+        steps = getattr(cfg, name)
+        if steps is not None and len(steps) != k_stages:
+            raise ValueError(f"{name} has {len(steps)} entries for {k_stages} stages")
     b, c, frames, height, width = shape_BCFHW
     coarsest = 2 ** sched.level(0)
     if height % coarsest or width % coarsest:
@@ -132,9 +168,10 @@ def sample(velocity_fn: VelocityFn, shape_BCFHW: tuple[int, ...], cfg: PyramidSa
                 x = renoise(x, sched.sigma_end(k - 1), sched.gamma, noise(tuple(up(x).shape), block=True))
             history = [Segment(down(generated[u - j], sched.level(stage_j)), units[u - j][0], sched.level(stage_j))
                        for j, stage_j in history_stages(k, u, cfg.max_history_units)]
-            sigmas = sched.sigmas(k, cfg.steps_per_stage[k]).tolist()
-            for s_now, s_next in zip(sigmas[:-1], sigmas[1:]):
-                v = velocity_fn(Segment(x, f0, level), history, s_now, k, guidance)
-                x = x + (s_next - s_now) * v.float()
+            steps = cfg.first_frame_steps if u == 0 and cfg.first_frame_steps is not None else cfg.steps_per_stage
+            lams = sched.lam_grid(k, steps[k])
+            for lam, lam_next in zip(lams[:-1], lams[1:]):
+                v = velocity_fn(Segment(x, f0, level), history, lam, k, guidance)
+                x = x + sched.euler_step(k, lam, lam_next) * v.float()
         generated.append(x)
     return torch.cat(generated, dim=2)
