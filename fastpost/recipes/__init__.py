@@ -29,6 +29,10 @@ class RecipeContext:
     # a small trainable module of the recipe's own (a critic head, a loss weighting) -> placed and sharded so
     # that its gradients are averaged over data-parallel ranks like the model's
     build_module: Callable[[nn.Module], nn.Module] = lambda module: module
+    # open_loader(name, LoaderConfig) -> a ShardLoader over a second shard folder (an image set), built like the
+    # trainer's own (dp rank picks the samples, SP peers get the same ones); its position is checkpointed with
+    # the trainer's loader under `name`, so a resumed job continues both exactly
+    open_loader: Callable[[str, Any], Any] | None = None
 
     @classmethod
     def for_model(cls, family, model: nn.Module, dims=None, train_cfg=None) -> "RecipeContext":
