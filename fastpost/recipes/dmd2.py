@@ -196,20 +196,25 @@ class DMD2(Recipe):
         return grid.estimates(x, pred, idx)[0]
 
     def generate(self, x0_data, embeds, mask, generator: torch.Generator, grad: bool) -> torch.Tensor:
-        """A generator sample x_g: one step from point s_k of noised data, or of G's own rollout."""
+        """A generator sample x_g: one step from point s_k (k ~ U{0..K-1} per sample) of noised data, or of G's
+        own rollout from noise. The rollout always runs all K-1 no-grad steps and each sample picks its point, so
+        every dp rank runs the same forwards (FSDP's gathers must match across ranks)."""
         bsz, grid = x0_data.shape[0], self.grid
-        k = int(torch.randint(0, self.cfg.generator_steps, (), generator=generator))
+        k = torch.randint(0, self.cfg.generator_steps, (bsz,), generator=generator)
         eps = torch.randn(x0_data.shape, generator=generator, dtype=torch.float64).to(x0_data.device)
-        s = torch.full((bsz,), int(self.edges[k]))
+        s = self.edges[k]
         if self.cfg.backward_simulation:
             x = grid.b[0] * eps
+            pick = x.clone()
             with torch.no_grad():
-                for j in range(k):
-                    src, dst = int(self.edges[j]), int(self.edges[j + 1])
+                for j in range(1, self.cfg.generator_steps):
+                    src, dst = int(self.edges[j - 1]), int(self.edges[j])
                     pred = guided_prediction(self.family, self.generator, grid, x, torch.full((bsz,), src), embeds,
                                              mask, 1.0)
                     x = renoise(grid, x, pred, src, dst, self.cfg.renoise, generator)
+                    pick = torch.where((k == j).view(-1, 1, 1, 1, 1).to(x.device), x, pick)
                 reshard_all(self.generator)
+            x = pick
         else:
             a, b = grid.coeffs(s, x0_data)
             x = a * x0_data.double() + b * eps
