@@ -30,8 +30,8 @@ def data(tmp_path_factory):
 
 
 RECIPES = {
-    # LoRA generator (the teacher is its base with adapters off), LoRA critic on its own base, CFG real score,
-    # the GAN head and backward simulation: every optional path of the recipe
+    # LoRA generator and LoRA critic as two adapters of one frozen base (the teacher: adapters off), CFG real
+    # score, the GAN head and backward simulation: every optional path of the recipe
     "dmd2": {"num_teacher_steps": 8, "generator_steps": 2, "critic_updates": 1, "real_guidance": 2.0,
              "critic": "lora", "critic_lora": {"rank": 4, "alpha": 4}, "gan_weight": 0.1, "gan_critic_weight": 0.1,
              "backward_simulation": True, "critic_optim": {"lr": 2e-3}},
@@ -247,3 +247,40 @@ def test_transformers_backbone_discriminator_trains_its_adapter_and_head_only():
     assert (disc(frames).detach() - before).abs().max() > 0
     with pytest.raises(ValueError, match="needs a model_type"):
         BackboneDiscriminator(4, None, {"hidden_size": 16})
+
+
+def _grad_routing(rank, world, cfg, out):
+    """Per phase, which adapter of the shared base receives gradient (summed over the FSDP shards)."""
+    import torch.distributed as dist
+
+    from fastpost.trainer import batch_generator
+
+    trainer = Trainer(from_dict(TrainConfig, cfg))
+    recipe, batch = trainer.recipe, next(trainer.loader.forever())
+    assert recipe.shared and recipe.critic is recipe.generator
+    owned = {name: set(t.parameters()) for name, t in trainer.trainables.items()}
+    assert owned["generator"] and owned["critic"] and not owned["generator"] & owned["critic"]
+    result = {}
+    for phase in ("critic", "generator"):
+        recipe.generator.zero_grad(set_to_none=True)
+        loss, _ = recipe.loss(batch, batch_generator(0, trainer.dims.dp_rank), phase)
+        loss.backward()
+        sums = torch.zeros(3, dtype=torch.float64)
+        for n, p in recipe.generator.named_parameters():
+            g = p.grad.to_local() if p.grad is not None and hasattr(p.grad, "to_local") else p.grad
+            k = 0 if n in owned["generator"] else 1 if n in owned["critic"] else 2
+            sums[k] += 0.0 if g is None else g.abs().sum().item()
+        dist.all_reduce(sums)
+        result[phase] = sums.tolist()
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def test_shared_base_adapters_get_only_their_own_gradients_under_fsdp(data, tmp_path):
+    """Generator and critic as two LoRA adapters of one FSDP2-sharded base: the critic's denoising loss reaches
+    only the critic adapter, the DMD loss only the generator's, the frozen base nothing."""
+    args = {**RECIPES["dmd2"], "gan_weight": 0.0, "gan_critic_weight": 0.0}
+    run_distributed(_grad_routing, 2, job(tmp_path / "g", data, "dmd2", 1, recipe_args=args), str(tmp_path / "g.json"))
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["critic"][0] == 0 and res["critic"][1] > 0 and res["critic"][2] == 0, res
+    assert res["generator"][0] > 0 and res["generator"][1] == 0 and res["generator"][2] == 0, res

@@ -47,9 +47,13 @@ class Trainable:
 
     module: nn.Module
     optim: dict = field(default_factory=dict)
+    # which of the module's trainable parameters are this Trainable's (two LoRA adapters on one shared base
+    # are two Trainables of one module); None: all
+    owns: Callable[[str], bool] | None = None
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.module.named_parameters()
+                if p.requires_grad and (self.owns is None or self.owns(n))}
 
 
 class Recipe(abc.ABC):

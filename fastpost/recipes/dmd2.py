@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from fastpost.data.checks import objective_scheduler_config
 from fastpost.data.shards import read_empty_prompt
 from fastpost.distributed.fsdp import reshard_all
-from fastpost.lora import LoRAConfig
+from fastpost.lora import LoRAConfig, set_active_adapter
 from fastpost.noise import OdeGrid, make_grid, phase_edges
 from fastpost.recipes import Recipe, RecipeContext, Trainable
 from fastpost.recipes.distill import _lora_layers, guided_prediction
+
+
+CRITIC = "critic"  # the critic's adapter name when it shares the generator's frozen base
 
 
 @dataclass
@@ -141,19 +144,24 @@ class DMD2(Recipe):
         self.edges = generator_edges(cfg.num_teacher_steps, cfg.generator_steps)
         data_root = ctx.train_cfg.data.path if ctx.train_cfg is not None else None
         self.negative = NegativePrompt(self.family, data_root, cfg.negative_text_encoder)
-        self.generator = ctx.build(spec)
         self.lora = spec.lora is not None and spec.lora.enabled
         own_base = cfg.teacher is None or cfg.teacher == spec.pretrained
-        # with a LoRA generator on the teacher's own weights the teacher is the generator with its adapters off
-        self.teacher = None if self.lora and own_base else ctx.build(
-            spec.with_(pretrained=teacher_ckpt, lora=None, trainable=False))
         critic_lora = None
         if cfg.critic == "lora":
             from fastpost.config import from_dict
 
             critic_lora = from_dict(LoRAConfig, {**cfg.critic_lora, "enabled": True}, where="recipe_args.critic_lora")
-        # the same weights as the teacher (pretrained, or the same seeded random init)
-        self.critic = ctx.build(spec.with_(pretrained=teacher_ckpt, lora=critic_lora, trainable=True))
+        # LoRA generator and LoRA critic on the teacher's own weights: ONE frozen base holds both adapters
+        # ("default" = generator, "critic"), and the teacher is that base with adapters off
+        self.shared = self.lora and own_base and critic_lora is not None
+        self.generator = ctx.build(spec.with_(extra_adapters=((CRITIC, critic_lora),)) if self.shared else spec)
+        # with a LoRA generator on the teacher's own weights the teacher is the generator with its adapters off
+        self.teacher = None if self.lora and own_base else ctx.build(
+            spec.with_(pretrained=teacher_ckpt, lora=None, trainable=False))
+        # otherwise the critic is a model of its own with the teacher's weights (pretrained, or the same seeded
+        # random init), full or LoRA
+        self.critic = self.generator if self.shared else ctx.build(
+            spec.with_(pretrained=teacher_ckpt, lora=critic_lora, trainable=True))
         self.head = None
         if cfg.gan_weight > 0 or cfg.gan_critic_weight > 0:
             channels = self.critic.config.get("out_channels") or self.critic.config["in_channels"]
@@ -161,7 +169,12 @@ class DMD2(Recipe):
             self.head = ctx.build_module(GanHead(channels))
 
     def trainables(self):
-        out = {"generator": Trainable(self.generator), "critic": Trainable(self.critic, dict(self.cfg.critic_optim))}
+        if self.shared:  # one module, two adapters: each optimizer owns its adapter's weights
+            out = {"generator": Trainable(self.generator, owns=lambda n: f".{CRITIC}." not in n),
+                   "critic": Trainable(self.critic, dict(self.cfg.critic_optim), owns=lambda n: f".{CRITIC}." in n)}
+        else:
+            out = {"generator": Trainable(self.generator),
+                   "critic": Trainable(self.critic, dict(self.cfg.critic_optim))}
         if self.head is not None:
             out["gan_head"] = Trainable(self.head, dict(self.cfg.critic_optim))
         return out
@@ -189,6 +202,18 @@ class DMD2(Recipe):
         finally:
             for layer in layers:
                 layer._disable_adapters = False
+
+    @contextlib.contextmanager
+    def _as_critic(self):
+        """The critic: a model of its own, or the shared base with the critic adapter switched in."""
+        if not self.shared:
+            yield self.critic
+            return
+        set_active_adapter(self.generator, CRITIC)
+        try:
+            yield self.critic
+        finally:
+            set_active_adapter(self.generator, "default")
 
     # ---- pieces of the math -------------------------------------------------------------------------------------
     def _x0(self, model, grid: OdeGrid, x, idx, embeds, mask, w: float = 1.0, neg=None):
@@ -248,16 +273,18 @@ class DMD2(Recipe):
         with torch.no_grad():
             with self._as_teacher() as teacher:
                 real = self._x0(teacher, fine, x_t, t, embeds, mask, w, self.negative(embeds, mask) if w != 1 else None)
-            fake = self._x0(self.critic, fine, x_t, t, embeds, mask)
+            with self._as_critic() as critic:
+                fake = self._x0(critic, fine, x_t, t, embeds, mask)
             grad = (fake - real) / (x_g.detach() - real).abs().flatten(1).mean(1).clamp_min(1e-8).view(-1, 1, 1, 1, 1)
         for frozen in (self.teacher, self.critic):
-            if frozen is not None:
+            if frozen is not None and frozen is not self.generator:  # G's own forward above has a backward
                 reshard_all(frozen)
         loss = 0.5 * F.mse_loss(x_g.float(), (x_g - grad).detach().float())
         metrics = {"dmd": loss.detach(), "dmd_grad_abs": grad.abs().mean()}
         if cfg.gan_weight > 0:
             # the critic as the discriminator's feature extractor: gradients flow through it into x_g only
-            logits = self.head(self._x0(self.critic, fine, a * x_g + b * eps, t, embeds, mask))
+            with self._as_critic() as critic:
+                logits = self.head(self._x0(critic, fine, a * x_g + b * eps, t, embeds, mask))
             gan = F.softplus(-logits).mean()
             loss = loss + cfg.gan_weight * gan
             metrics["gan_g"] = gan.detach()
@@ -270,15 +297,16 @@ class DMD2(Recipe):
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
         a, b = fine.coeffs(t, x_g)
         x_t = a * x_g + b * eps
-        pred = guided_prediction(self.family, self.critic, fine, x_t, t, embeds, mask, 1.0)
-        loss = F.mse_loss(pred.float(), fine.target(x_g, eps, t).float())
-        metrics = {"denoise": loss.detach()}
-        if self.head is not None and cfg.gan_critic_weight > 0:
-            fake_logits = self.head(fine.estimates(x_t, pred, t)[0])
-            real_logits = self.head(self._x0(self.critic, fine, a * x0 + b * eps, t, embeds, mask))
-            gan = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-            loss = loss + cfg.gan_critic_weight * gan
-            metrics["gan_d"] = gan.detach()
+        with self._as_critic() as critic:
+            pred = guided_prediction(self.family, critic, fine, x_t, t, embeds, mask, 1.0)
+            loss = F.mse_loss(pred.float(), fine.target(x_g, eps, t).float())
+            metrics = {"denoise": loss.detach()}
+            if self.head is not None and cfg.gan_critic_weight > 0:
+                fake_logits = self.head(fine.estimates(x_t, pred, t)[0])
+                real_logits = self.head(self._x0(critic, fine, a * x0 + b * eps, t, embeds, mask))
+                gan = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+                loss = loss + cfg.gan_critic_weight * gan
+                metrics["gan_d"] = gan.detach()
         return loss, metrics
 
     def export_model(self) -> nn.Module:

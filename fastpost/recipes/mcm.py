@@ -120,7 +120,7 @@ class MCM(Distill):
         self.images = ctx.open_loader("images", LoaderConfig(path=cfg.images, batch_size=cfg.image_batch_size,
                                                              seed=seed))
         self._image_batches = None  # started on first use: a resumed loader's position is loaded by then
-        channels = self.student.config.get("out_channels") or self.student.config["in_channels"]
+        self.channels = channels = self.student.config.get("out_channels") or self.student.config["in_channels"]
         torch.manual_seed(ctx.spec.init_seed + 1)  # the same discriminator on every rank
         if cfg.discriminator == "latent_cnn":
             disc = LatentFrameDiscriminator(channels, cfg.disc_width)
@@ -141,6 +141,9 @@ class MCM(Distill):
         if self._image_batches is None:
             self._image_batches = self.images.forever()
         latents = next(self._image_batches)["latents"].to(device)
+        if latents.shape[1] != self.channels:
+            raise ValueError(f"recipe_args.images {self.cfg.images!r} holds latents of {latents.shape[1]} channels, "
+                             f"the model {self.channels}: encode the image set with the same VAE as the videos")
         return frames(latents)
 
     def loss(self, batch, generator, phase="student"):
