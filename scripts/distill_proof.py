@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--reuse-teacher", action="store_true",
+                   help="keep the data, image set and teacher of an earlier run in --workdir (train the students only)")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(args.workdir)
@@ -106,18 +108,23 @@ def main() -> None:
 
     from fastpost.demo import prepare_data
 
-    prepare_data(work, args.videos)
-    image_shards = prepare_images(work, args.images)
+    reuse = args.reuse_teacher and (work / "teacher" / "transformer" / "config.json").is_file()
+    if not reuse:
+        prepare_data(work, args.videos)
+        prepare_images(work, args.images)
+    image_shards = work / "image_shards"
     common = {
         "model": {"family": "cogvideox", "flavor": "debug"},
         "data": {"path": str(work / "shards"), "batch_size": 4},
         "checkpoint": {"every_steps": 0}, "logging": {"every_steps": 1, "progress_bar": False},
     }
-    logs = {"teacher": train({
+    teacher_job = {
         **common, "output_dir": str(work / "teacher"), "steps": args.teacher_steps, "recipe": "finetune",
         "model": {**common["model"], "pretrained": str(work / "pipeline")},
         "optim": {"lr": 1e-3, "warmup_steps": 20, "schedule": "cosine", "min_lr_ratio": 0.1},
-    })}
+    }
+    logs = {"teacher": [json.loads(line) for line in (work / "teacher" / "metrics.jsonl").read_text().splitlines()]
+            if reuse else train(teacher_job)}
     teacher_dir = str(work / "teacher" / "transformer")
     student = {**common["model"], "pretrained": teacher_dir}
     pcm_args = {"teacher": teacher_dir, "num_teacher_steps": 50, "phases": 4, "skip_steps": 5, "target": "ema",
