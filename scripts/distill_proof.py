@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +41,7 @@ def train(cfg: dict) -> list[dict]:
     from fastpost.config import from_dict
     from fastpost.trainer import TrainConfig, Trainer
 
+    shutil.rmtree(cfg["output_dir"], ignore_errors=True)  # always from scratch (no resume, no old metrics)
     Trainer(from_dict(TrainConfig, cfg)).fit()
     return [json.loads(line) for line in (Path(cfg["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
