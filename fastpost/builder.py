@@ -47,6 +47,9 @@ class ModelSpec:
     dtype: str = "float32"  # the dtype the weights are stored in (FSDP's param_dtype may compute lower)
     variant: str | None = None  # diffusers weight variant, e.g. "fp16" -> diffusion_pytorch_model.fp16.safetensors
     lora: Any = None  # a fastpost.lora.LoRAConfig with enabled=True, or None
+    # more named LoRA adapters on the same base, ((name, LoRAConfig), ...), inactive until switched to with
+    # fastpost.lora.set_active_adapter (a DMD2 critic sharing the student's frozen base)
+    extra_adapters: tuple = ()
     trainable: bool = True  # False: frozen (teacher, target, sampler); FSDP then reshards every unit after forward
     allow_pickle: bool = False  # accept pickled .bin weights (can run code from the file: opt-in)
     # one expert of a two-expert pipeline (Wan 2.2 A14B): the flow-matching noise levels (sigma) it owns; recipes
@@ -325,6 +328,8 @@ def _inject_real_lora(model: nn.Module, spec: ModelSpec, default_targets=None) -
     from fastpost.lora import inject_lora
 
     inject_lora(model, spec.lora, default_targets)
+    for name, cfg in spec.extra_adapters:
+        inject_lora(model, cfg, default_targets, adapter_name=name)
     if any(p.is_meta for n, p in model.named_parameters() if "lora_" in n):
         from peft.tuners.lora import LoraLayer
 

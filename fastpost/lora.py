@@ -36,9 +36,11 @@ class LoRAConfig:
     extra: dict = field(default_factory=dict)  # passed to peft.LoraConfig as is
 
 
-def inject_lora(model: nn.Module, cfg: LoRAConfig, default_targets: str | list[str] | None = None) -> nn.Module:
+def inject_lora(model: nn.Module, cfg: LoRAConfig, default_targets: str | list[str] | None = None,
+                adapter_name: str = "default") -> nn.Module:
     """Add a LoRA adapter (named "default") and freeze everything else. Call before parallelize().
-    Targets: cfg.target_modules, else `default_targets` (pass family.lora_target_modules), else GENERIC_TARGETS."""
+    Targets: cfg.target_modules, else `default_targets` (pass family.lora_target_modules), else GENERIC_TARGETS.
+    A second adapter (another `adapter_name`, e.g. a critic sharing the base) stays inactive: "default" runs."""
     from peft import LoraConfig
 
     targets = cfg.target_modules or default_targets or GENERIC_TARGETS
@@ -48,11 +50,13 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, default_targets: str | list[s
     )
     model.requires_grad_(False)
     if hasattr(model, "add_adapter"):  # diffusers PeftAdapterMixin keeps the model class (save_pretrained etc.)
-        model.add_adapter(lora_config)
+        model.add_adapter(lora_config, adapter_name=adapter_name)
     else:
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(lora_config, model)
+        inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
+    if adapter_name != "default":
+        set_active_adapter(model, "default")
     trainable = 0
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -60,6 +64,16 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, default_targets: str | list[s
     if trainable == 0:
         raise ValueError(f"LoRA target_modules {targets!r} matched no module of {type(model).__name__}")
     return model
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Switch which LoRA adapter runs by peft's flag alone: peft's set_adapter() also flips requires_grad, which
+    FSDP2 has already captured in its unsharded parameters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._active_adapter = name
 
 
 def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:

@@ -189,8 +189,9 @@ class Trainer:
         # 3. recipe and its models (each through the one builder)
         recipe_cls = get_recipe(cfg.recipe)
         recipe_cfg = from_dict(recipe_cls.Config, cfg.recipe_args, where="recipe_args")
+        self.extra_loaders: dict[str, ShardLoader] = {}  # a recipe's own loaders (ctx.open_loader), checkpointed
         ctx = RecipeContext(self.family, self.dims, cfg, build=self._build, spec=cfg.model.spec(cfg.lora),
-                            build_module=self._build_module)
+                            build_module=self._build_module, open_loader=self._open_loader)
         self.recipe = recipe_cls(recipe_cfg, ctx)
         self.trainables = self.recipe.trainables()
         self.model = self.recipe.export_model()
@@ -228,6 +229,13 @@ class Trainer:
         """A recipe's own small trainable module: fp32, sharded (so its gradients are averaged) on the mesh."""
         return apply_fsdp(module.to(self.device), [], self.dims, FSDPConfig())
 
+    def _open_loader(self, name: str, loader_cfg: LoaderConfig) -> ShardLoader:
+        """A recipe's second loader (e.g. an image set), sharded like the main one and resumed with it."""
+        if name in self.extra_loaders or name == "loader":
+            raise ValueError(f"the recipe opened two loaders named {name!r}; give each its own name")
+        self.extra_loaders[name] = self.guard.checked(lambda: ShardLoader.from_config(loader_cfg, self.dims))
+        return self.extra_loaders[name]
+
     # ---- checkpoint state ------------------------------------------------------------------------------------
     def _modules(self) -> dict[str, tuple]:
         return {name: (t.module, self.optimizers[name]) for name, t in self.trainables.items()}
@@ -241,6 +249,8 @@ class Trainer:
     def save(self) -> Path:
         extra = {"schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
                  "loader": self.loader.state_dict(), "bad_steps": self.bad_steps, "batches_seen": self.batches_seen}
+        if self.extra_loaders:
+            extra["recipe_loaders"] = {n: loader.state_dict() for n, loader in self.extra_loaders.items()}
         return self.ckpt.save(self.step, self._modules(), self._tensors(), extra)
 
     def _load(self, path: Path) -> None:
@@ -248,6 +258,12 @@ class Trainer:
         for name, state in extra["schedulers"].items():
             self.schedulers[name].load_state_dict(state)
         self.loader.load_state_dict(extra["loader"])
+        saved = extra.get("recipe_loaders", {})
+        if set(saved) != set(self.extra_loaders):
+            raise ValueError(f"checkpoint {path} holds the positions of recipe loaders {sorted(saved)}, this job opens "
+                             f"{sorted(self.extra_loaders)}: resume with the recipe settings that wrote it")
+        for name, loader in self.extra_loaders.items():
+            loader.load_state_dict(saved[name])
         self.step, self.bad_steps, self.batches_seen = extra["step"], extra["bad_steps"], extra["batches_seen"]
         if self.rank == 0:
             print(f"[fastpost] resumed from {path} at step {self.step}", flush=True)

@@ -29,6 +29,10 @@ class RecipeContext:
     # a small trainable module of the recipe's own (a critic head, a loss weighting) -> placed and sharded so
     # that its gradients are averaged over data-parallel ranks like the model's
     build_module: Callable[[nn.Module], nn.Module] = lambda module: module
+    # open_loader(name, LoaderConfig) -> a ShardLoader over a second shard folder (an image set), built like the
+    # trainer's own (dp rank picks the samples, SP peers get the same ones); its position is checkpointed with
+    # the trainer's loader under `name`, so a resumed job continues both exactly
+    open_loader: Callable[[str, Any], Any] | None = None
 
     @classmethod
     def for_model(cls, family, model: nn.Module, dims=None, train_cfg=None) -> "RecipeContext":
@@ -43,9 +47,13 @@ class Trainable:
 
     module: nn.Module
     optim: dict = field(default_factory=dict)
+    # which of the module's trainable parameters are this Trainable's (two LoRA adapters on one shared base
+    # are two Trainables of one module); None: all
+    owns: Callable[[str], bool] | None = None
 
     def parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.module.named_parameters()
+                if p.requires_grad and (self.owns is None or self.owns(n))}
 
 
 class Recipe(abc.ABC):

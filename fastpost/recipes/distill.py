@@ -200,6 +200,12 @@ class Distill(Recipe):
         return e.to(embeds.device, embeds.dtype).expand_as(embeds), m.to(mask.device, mask.dtype).expand_as(mask)
 
     def loss(self, batch, generator, phase="train"):
+        f, target, parts = self.consistency(batch, generator)
+        return pseudo_huber(f, target, self.cfg.huber_c), {"grid_index": parts["n"].float().mean(), "w": parts["w"]}
+
+    def consistency(self, batch, generator):
+        """(f_theta(x_n, n), target, parts): the student's consistency output with grad, its no-grad target, and
+        the pieces a variant of the loss needs (n, x_n, the student's prediction, w)."""
         cfg, grid = self.cfg, self.grid
         x0 = batch["latents"].double()
         embeds, mask = batch["prompt_embeds"], batch["prompt_attention_mask"]
@@ -228,7 +234,7 @@ class Distill(Recipe):
                 reshard_all(frozen)
         student_pred = guided_prediction(self.family, self.student, grid, x_n, n, embeds, mask, 1.0, cond=cond)
         f = grid.ddim(x_n, student_pred, n, edge)
-        return pseudo_huber(f, target, cfg.huber_c), {"grid_index": n.float().mean(), "w": w}
+        return f, target, {"n": n, "x_n": x_n, "pred": student_pred, "w": w}
 
     @torch.no_grad()
     def after_optimizer_step(self, phase: str, step: int) -> None:

@@ -239,3 +239,44 @@ class PhasedSampler:
 
 
 register_sampler("phased", PhasedSamplerConfig)(PhasedSampler)
+
+
+# ---- a DMD2 generator's few-step sampler (recipes/dmd2.py trains it) ------------------------------------------------
+@dataclass
+class DMDSamplerConfig:
+    num_teacher_steps: int = 50  # recipe_args.num_teacher_steps: the grid the generator's steps sit on
+    generator_steps: int = 4  # recipe_args.generator_steps; `steps` may be any divisor of it
+    renoise: Literal["fresh", "ddim"] = "fresh"  # recipe_args.renoise: fresh noise between steps, or DDIM
+
+
+class DMDSampler:
+    """Predict the clean video, re-noise it to the next step's level with fresh noise from ctx.generator (or the
+    DDIM step), repeat; the last step returns the clean estimate (recipes/dmd2.py's dmd_sample, same grid)."""
+
+    def __init__(self, ctx: SamplerContext, cfg: DMDSamplerConfig):
+        self.cfg, self.generator = cfg, ctx.generator
+        self.grid = make_grid(ctx.family, None, cfg.num_teacher_steps, scheduler_config=ctx.scheduler_config)
+        self.init_noise_sigma = float(self.grid.b[0])
+        self.edges = None
+
+    def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
+        if num_steps < 1 or self.cfg.generator_steps % num_steps:
+            raise ValueError(f"the DMD sampler of a {self.cfg.generator_steps}-step generator runs a divisor of "
+                             f"{self.cfg.generator_steps} steps, got steps={num_steps}")
+        k = self.cfg.generator_steps
+        self.edges = phase_edges(self.cfg.num_teacher_steps, k)[:: k // num_steps]
+        t = self.grid.model_t[self.edges[:-1]]
+        return (t.float() if self.grid.prediction_type == "flow_matching" else t).to(device)
+
+    def step(self, model_output, index, timestep, latents):
+        src = torch.full((latents.shape[0],), int(self.edges[index]))
+        dst = torch.full((latents.shape[0],), int(self.edges[index + 1]))
+        x, pred = latents.double(), model_output.double()
+        if int(dst[0]) == self.grid.steps:  # the clean end: the generator's estimate itself
+            return self.grid.estimates(x, pred, src)[0].float()
+        noise = None if self.cfg.renoise == "ddim" else torch.randn(latents.shape, generator=self.generator,
+                                                                     dtype=torch.float64)
+        return self.grid.renoise(x, pred, src, dst, noise).float()
+
+
+register_sampler("dmd", DMDSamplerConfig)(DMDSampler)
