@@ -19,13 +19,13 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests
 
 # the page of `fastpost serve` in headless Chromium (selenium comes with the venv); `make test` runs it too when
-# chromium is installed and says why it skipped it otherwise. Writes docs/assets/serve.png
+# chromium is installed and says why it skipped it otherwise. Only this target rewrites docs/assets/serve.png
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-browser: $(STAMP)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		$(SUDO) apt-get install -y chromium chromium-driver || \
 		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests/test_serve.py
+	FASTPOST_SCREENSHOT=docs OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests/test_serve.py
 
 # writes outputs/demo/{loss_curve,before_after}.png among the rest
 demo: $(STAMP)
