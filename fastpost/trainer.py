@@ -34,6 +34,7 @@ from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
+from fastpost.distributed.offload import OffloadConfig
 from fastpost.export import COMFY_LORA_FILE, export_lora, save_comfy_lora, save_transformer
 from fastpost.lora import LoRAConfig
 from fastpost.metrics import MetricsLogger, clip_grad_norm, peak_memory_mib
@@ -63,11 +64,14 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # stored weights (fsdp.param_dtype computes)
     variant: str | None = None  # diffusers weight variant, e.g. fp16 -> diffusion_pytorch_model.fp16.safetensors
     allow_pickle: bool = False  # accept pickled .bin weights (they can run code when loaded)
+    # LoRA: the frozen block linears stored in float8_e4m3fn / float8_e5m2 / bfloat16, upcast per layer to
+    # fsdp.param_dtype (fastpost/storage.py); None: stored in dtype
+    storage_dtype: Literal["float8_e4m3fn", "float8_e5m2", "bfloat16"] | None = None
 
     def spec(self, lora: LoRAConfig | None = None) -> ModelSpec:
         return ModelSpec(pretrained=self.pretrained, flavor=self.flavor, init_seed=self.init_seed, dtype=self.dtype,
                          variant=self.variant, lora=lora if lora is not None and lora.enabled else None,
-                         allow_pickle=self.allow_pickle)
+                         allow_pickle=self.allow_pickle, storage_dtype=self.storage_dtype)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ac: ACConfig = field(default_factory=ACConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)  # one GPU: block weights / block inputs on host
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(path=""))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -217,7 +222,8 @@ class Trainer:
     def _build(self, spec: ModelSpec):
         cfg = self.cfg
         model, _ = build_model(self.family, spec, self.dims, ac=cfg.ac, fsdp=cfg.fsdp,
-                               attention_backend=cfg.model.attention_backend, device=self.device)
+                               attention_backend=cfg.model.attention_backend, device=self.device,
+                               offload=cfg.offload)
         return model
 
     def _build_module(self, module: torch.nn.Module) -> torch.nn.Module:
