@@ -6,7 +6,8 @@ Build order (each step needs the ones before it):
      model's config before any weight is read
   3. recipe: declares its models; each is made by the one model builder (meta init -> LoRA -> SP -> AC ->
      FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
-  4. one optimizer + LR schedule per trainable module (the recipe may override optim keys per module)
+  4. one optimizer (optim.name, fastpost/optim.py) + LR schedule per trainable module (the recipe may override
+     optim keys per module)
   5. EMA of the exported model's trainable weights
   6. checkpoint manager; resume restores 2-6 exactly, also at another world size or layout
 The step: for each phase the recipe names, grad_accum micro-batches of loss + backward, then per optimizer
@@ -39,6 +40,7 @@ from fastpost.export import COMFY_LORA_FILE, export_lora, save_comfy_lora, save_
 from fastpost.lora import LoRAConfig
 from fastpost.metrics import MetricsLogger, clip_grad_norm, peak_memory_mib
 from fastpost.models import get_family
+from fastpost.optim import build_optimizer
 from fastpost.plan import PlanConfig
 from fastpost.recipes import RecipeContext, get_recipe
 
@@ -76,6 +78,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw | adamw8bit (8-bit moments) | prodigy (lr-free: set lr 1.0) | adamw_offload (moments on the host);
+    # fastpost/optim.py
+    name: Literal["adamw", "adamw8bit", "prodigy", "adamw_offload"] = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -203,8 +208,7 @@ class Trainer:
             self.params[name] = list(t.parameters().values())
             if not self.params[name]:
                 raise ValueError(f"recipe {cfg.recipe!r}: trainable {name!r} has no parameter that requires grad")
-            self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=o.lr, betas=o.betas, eps=o.eps,
-                                                      weight_decay=o.weight_decay)
+            self.optimizers[name] = build_optimizer(self.params[name], o)
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(o, cfg.steps))
             self._clip[name] = o.grad_clip
         # 5. EMA
