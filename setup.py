@@ -23,7 +23,8 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "prodigyopt>=1.1"],
+        "prodigy": ["prodigyopt>=1.1"],  # optim.name: prodigy
         # Needs CUDA to build; never installed on CPU machines. fastpost imports it optionally.
         "flash": ["flash-attn>=2.6"],
     },
