@@ -64,6 +64,18 @@ def _cast(module: nn.Module, name: str, dtype: torch.dtype) -> None:
         module._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
 
 
+def stored_linears(blocks: Iterable[nn.Module]) -> list[nn.Linear]:
+    """The layers storage_dtype stores low: frozen nn.Linear inside the blocks, norms excepted (also what
+    `fastpost plan` counts)."""
+    out = []
+    for block in blocks:
+        for name, module in block.named_modules():
+            weight = getattr(module, "weight", None)
+            if type(module) is nn.Linear and not KEEP.search(name) and weight is not None and not weight.requires_grad:
+                out.append(module)
+    return out
+
+
 def apply_storage(model: nn.Module, blocks: Iterable[nn.Module], storage: str, compute: torch.dtype) -> int:
     """Store the frozen block linears of `model` in `storage` (a STORAGE_DTYPES name) and every other frozen
     floating parameter in `compute`; trainable parameters are untouched. Works on meta or real weights (apply
@@ -73,15 +85,11 @@ def apply_storage(model: nn.Module, blocks: Iterable[nn.Module], storage: str, c
         raise ValueError(f"model.storage_dtype {storage!r} is not one of {sorted(STORAGE_DTYPES)}")
     dtype = STORAGE_DTYPES[storage]
     stored = 0
-    for block in blocks:
-        for name, module in block.named_modules():
-            weight = getattr(module, "weight", None)
-            if (type(module) is nn.Linear and not KEEP.search(name) and weight is not None
-                    and not weight.requires_grad):
-                _cast(module, "weight", dtype)
-                module._fastpost_compute_dtype = compute
-                module.forward = types.MethodType(_stored_forward, module)
-                stored += 1
+    for module in stored_linears(blocks):
+        _cast(module, "weight", dtype)
+        module._fastpost_compute_dtype = compute
+        module.forward = types.MethodType(_stored_forward, module)
+        stored += 1
     if stored == 0:
         raise ValueError("model.storage_dtype stores the frozen base of a LoRA run, but this model has no frozen "
                          "linear layer in its blocks (a full finetune trains them all): enable lora or unset "

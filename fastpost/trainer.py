@@ -108,6 +108,9 @@ class TrainConfig:
     seed: int = 0  # noise / timestep sampling
     ema_decay: float | None = None  # EMA of trainable weights; exported to <out>/{lora,transformer}_ema when set
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before aborting
+    # the LoRA's identifier token the shards' captions were prepended with (preprocess `id_token`; checked against
+    # their manifest); validation / sample prompts of this LoRA get it too: fastpost.data.text.with_id_token
+    id_token: str | None = None
     recipe: str = "finetune"
     recipe_args: dict = field(default_factory=dict)  # the recipe's own Config, checked strictly
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -170,6 +173,19 @@ class EMA:
                     p.copy_(backup[n])
 
 
+def check_id_token(data_path: str, id_token: str | None) -> None:
+    """The job's id_token must be the one the shards' captions were preprocessed with (when they record one)."""
+    from fastpost.data import shards
+
+    if not data_path or not (Path(data_path) / shards.MANIFEST).is_file():
+        return  # the loader reports a missing folder
+    made = shards.read_manifest(data_path)[0].get("config")
+    if isinstance(made, dict) and made.get("id_token") != id_token:
+        raise ValueError(f"the shards in {data_path} were preprocessed with id_token {made.get('id_token')!r} but "
+                         f"this job sets id_token {id_token!r}: set the preprocessing job's id_token here "
+                         f"(validation prompts get it too)")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -183,6 +199,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+        check_id_token(cfg.data.path, cfg.id_token)  # before the guard takes the output dir and signals
         self.guard = JobGuard(cfg.cluster, self.out, self.rank, self.device)  # output lock, die with launcher, signals
         self.family = get_family(cfg.model.family)
         # 2. data, checked against the model's config before any weight is read: a mismatch (family, VAE,

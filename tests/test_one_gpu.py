@@ -226,3 +226,34 @@ def test_float8_run_lora_export_loads_in_diffusers(tmp_path, world1):
         out = FAMILY.predict(model, x, t, e)
     assert not math.isnan(out.sum().item())
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- id_token -------------------------------------------------------------------------------------------------------
+def test_id_token_is_prepended_to_every_caption_and_checked_by_the_train_job(tmp_path, world1):
+    from fastpost.config import from_dict
+    from fastpost.data import preprocess as pp
+    from fastpost.data.shards import ShardDataset
+    from fastpost.data.synthetic import SyntheticConfig, generate
+    from fastpost.data.text import TextEncoder
+    from fastpost.data.tiny import build_tiny_text_encoder, build_tiny_vae
+    from fastpost.trainer import TrainConfig, Trainer
+
+    generate(SyntheticConfig(out_dir=str(tmp_path / "synth"), num_videos=2, num_images=0, frames=[9],
+                             sizes=[(32, 32)], seed=2))
+    te = str(build_tiny_text_encoder(tmp_path / "te"))
+    cfg = from_dict(pp.PreprocessConfig, dict(
+        data=str(tmp_path / "synth" / "metadata.jsonl"), output_dir=str(tmp_path / "shards"),
+        vae=str(build_tiny_vae(tmp_path / "vae", FAMILY)), text_encoder=te, resolutions=[(32, 32)],
+        max_frames=9, max_text_length=8, id_token="BW_STYLE, "))
+    pp.preprocess(cfg, FAMILY)
+    ds = ShardDataset(tmp_path / "shards")
+    text = TextEncoder.from_pretrained(te, family=FAMILY)
+    for i in range(len(ds)):
+        sample = ds[i]
+        assert sample["caption"].startswith("BW_STYLE, ") and not sample["caption"].startswith("BW_STYLE, BW")
+        embeds, _ = text.encode([sample["caption"]], 8)
+        torch.testing.assert_close(sample["prompt_embeds"], embeds[0], rtol=1e-6, atol=1e-6)
+    job = {"output_dir": str(tmp_path / "out"), "data": {"path": str(tmp_path / "shards")},
+           "model": {"family": "cogvideox", "flavor": "debug"}, "logging": {"progress_bar": False}}
+    with pytest.raises(ValueError, match="id_token 'BW_STYLE, '"):
+        Trainer(from_dict(TrainConfig, job))
