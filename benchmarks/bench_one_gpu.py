@@ -85,6 +85,22 @@ def plan_rows() -> list[list[str]]:
     return rows
 
 
+JOB_FILES = ["2b_lora_8gb", "2b_lora_16gb", "2b_lora_24gb", "5b_lora_16gb", "5b_lora_24gb"]
+
+
+def job_file_rows() -> list[list[str]]:
+    """The one-GPU job files of configs/: their predicted peak and estimated step time (quoted in their headers)."""
+    from fastpost.trainer import TrainConfig
+
+    rows = []
+    for name in JOB_FILES:
+        cfg = load_config(TrainConfig, ROOT / "configs" / "cogvideox" / f"{name}.yaml", [])
+        card = next(v for k, v in CARDS.items() if k == cfg.plan.gpu_memory)
+        rows.append([f"configs/cogvideox/{name}.yaml", f"{plan_job(cfg).total / GIB:.2f}",
+                     f"{parse_bytes(cfg.plan.gpu_memory) / GIB:.1f}", f"~{step_seconds(cfg, card[1]):.0f} s on {card[0]}"])
+    return rows
+
+
 def curves(steps: int = 50) -> dict[str, list[float]]:
     """LoRA loss per step of the tiny CogVideoX on random latent shards, per frozen-base storage."""
     import torch.distributed as dist
@@ -128,6 +144,9 @@ def main() -> None:
             rows.append([name, *[f"{ls[i]:.4f}" for i in marks], f"{mean(0, 10):.4f}", f"{mean(40, 50):.4f}"])
         print(markdown_table(["frozen base", *[f"step {i + 1}" for i in marks], "mean 1-10", "mean 41-50"], rows))
         return
+    print(markdown_table(["job file", "predicted peak (GiB)", "budget (GiB)", "step time (estimate)"],
+                         job_file_rows()))
+    print()
     print(markdown_table(["job (49x480x720, batch 1)", "options", "predicted peak (GiB)", "card", "step time (estimate)"],
                          plan_rows()))
 
