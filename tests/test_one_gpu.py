@@ -257,3 +257,19 @@ def test_id_token_is_prepended_to_every_caption_and_checked_by_the_train_job(tmp
            "model": {"family": "cogvideox", "flavor": "debug"}, "logging": {"progress_bar": False}}
     with pytest.raises(ValueError, match="id_token 'BW_STYLE, '"):
         Trainer(from_dict(TrainConfig, job))
+
+
+def test_planner_weights_equal_the_built_models_bytes_per_storage_dtype():
+    """`fastpost plan`'s weights line is the built model's parameter bytes, per storage dtype (tiny CogVideoX)."""
+    from fastpost.config import from_dict
+    from fastpost.plan import plan_job
+    from fastpost.trainer import TrainConfig
+
+    for storage in (None, "bfloat16", "float8_e4m3fn"):
+        _, _, model = _step(storage)
+        built = sum(p.numel() * p.element_size() for p in model.parameters())
+        cfg = from_dict(TrainConfig, {"model": {"family": "cogvideox", "flavor": "debug", "storage_dtype": storage},
+                                      "lora": {"enabled": True, "rank": 4, "alpha": 8},
+                                      "plan": {"flavor": "debug", "height": 80, "width": 80, "frames": 9}})
+        weights = dict((name.split(" ")[0], b) for name, b in plan_job(cfg, device="cpu").parts)["weights"]
+        assert weights == built, (storage, weights, built)
