@@ -72,11 +72,12 @@ def step_seconds(cfg, tflops: float) -> float:
 
 
 def plan_rows() -> list[list[str]]:
+    from fastpost.trainer import TrainConfig
+
     rows = []
     for job, (path, goal) in GOALS.items():
         for name, overrides in OPTIONS.items():
-            cfg = load_config(__import__("fastpost.trainer", fromlist=["TrainConfig"]).TrainConfig, ROOT / path,
-                              [*overrides, f"plan.gpu_memory={goal}"])
+            cfg = load_config(TrainConfig, ROOT / path, [*overrides, f"plan.gpu_memory={goal}"])
             plan = plan_job(cfg)
             card, tflops = CARDS[goal]
             fits = "fits" if plan.total <= parse_bytes(goal) else "no"
@@ -97,7 +98,8 @@ def job_file_rows() -> list[list[str]]:
         cfg = load_config(TrainConfig, ROOT / "configs" / "cogvideox" / f"{name}.yaml", [])
         card = next(v for k, v in CARDS.items() if k == cfg.plan.gpu_memory)
         rows.append([f"configs/cogvideox/{name}.yaml", f"{plan_job(cfg).total / GIB:.2f}",
-                     f"{parse_bytes(cfg.plan.gpu_memory) / GIB:.1f}", f"~{step_seconds(cfg, card[1]):.0f} s on {card[0]}"])
+                     f"{parse_bytes(cfg.plan.gpu_memory) / GIB:.1f}",
+                     f"~{step_seconds(cfg, card[1]):.0f} s on {card[0]}"])
     return rows
 
 
@@ -147,8 +149,8 @@ def main() -> None:
     print(markdown_table(["job file", "predicted peak (GiB)", "budget (GiB)", "step time (estimate)"],
                          job_file_rows()))
     print()
-    print(markdown_table(["job (49x480x720, batch 1)", "options", "predicted peak (GiB)", "card", "step time (estimate)"],
-                         plan_rows()))
+    print(markdown_table(["job (49x480x720, batch 1)", "options", "predicted peak (GiB)", "card",
+                          "step time (estimate)"], plan_rows()))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def _model_facts(family_name: str, config_json: str, lora_json: str) -> ModelFac
     stored = [[m.weight.numel() for m in stored_linears([b])] for b in blocks]
     return ModelFacts(stored=sum(map(sum, stored)), block_stored=max(map(sum, stored)),
                       largest_stored=max((n for b in stored for n in b), default=0),
-                      trainable_shapes=tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad),total=total, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      trainable_shapes=tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad),
+                      total=total, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       block=max(s[0] for s in sizes), block_trainable=max(s[1] for s in sizes),
                       root=total - in_blocks, blocks=len(blocks), heads=int(config["num_attention_heads"]),
                       largest_trainable=max((p.numel() for p in model.parameters() if p.requires_grad), default=0))

@@ -442,7 +442,8 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
                 failed.append({"source": src, "error": item["error"]})
                 continue
             latents = pad_latent_frames(encode_video(vae, item["pixels"]), patch_t).to(dtype)
-            samples.append({"latents": latents, "caption": with_id_token(row["caption"], cfg.id_token), "source": src, "bucket": item["bucket"]})
+            caption = with_id_token(row["caption"], cfg.id_token)
+            samples.append({"latents": latents, "caption": caption, "source": src, "bucket": item["bucket"]})
         if samples:
             embeds, mask = text.encode([s["caption"] for s in samples], length)
             for s, e, m in zip(samples, embeds, mask):
