@@ -97,21 +97,34 @@ def test_block_and_activation_offload_equal_no_offload():
         _step(offload=OffloadConfig(activations=True), ac="selective")
 
 
+LORA96 = LoRAConfig(enabled=True, rank=96, alpha=96)  # 96 x 48 adapters: large enough for 8-bit moments
+
+
+def _step_and_update(dims=None):
+    """fp8-stored base, one step's loss and LoRA grads, then one 8-bit AdamW update: the updated adapters."""
+    loss, grads, model = _step("float8_e4m3fn", dims=dims, lora=LORA96)
+    params = [p for p in model.parameters() if p.requires_grad]
+    AdamW8bit(params, lr=1e-2, weight_decay=1e-2).step()
+    full = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return loss, grads, full, model
+
+
 def _fsdp_worker(rank, world, expected):
     dims = ParallelDims(world_size=world, ulysses=1)
     dims.build_mesh("cpu")
-    loss, grads, model = _step("float8_e4m3fn", dims=dims)
+    loss, grads, params, model = _step_and_update(dims)
     from torch.distributed.tensor import DTensor
 
     shard = model.transformer_blocks[0].attn1.to_q.base_layer.weight
     assert isinstance(shard, DTensor) and shard.to_local().dtype == torch.float8_e4m3fn  # stored as fp8 shards
     assert abs(loss - expected[0]) < 1e-6
     assert _rel(grads, expected[1]) < 1e-5
+    assert _rel(params, expected[2]) < 1e-6  # the 8-bit moments of sharded (DTensor) adapters, row-blocked
 
 
-def test_fsdp_float8_shards_equal_world1():
-    loss, grads, _ = _step("float8_e4m3fn")
-    run_distributed(_fsdp_worker, 2, (loss, {k: v.detach() for k, v in grads.items()}))
+def test_fsdp_float8_shards_and_8bit_adamw_equal_world1():
+    loss, grads, params, _ = _step_and_update()
+    run_distributed(_fsdp_worker, 2, (loss, {k: v.detach() for k, v in grads.items()}, params))
 
 
 # ---- optimizers ---------------------------------------------------------------------------------------------------
