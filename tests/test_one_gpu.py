@@ -239,6 +239,20 @@ def test_float8_run_lora_export_loads_in_diffusers(tmp_path, world1):
         out = FAMILY.predict(model, x, t, e)
     assert not math.isnan(out.sum().item())
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    # the merged export: float8 bases leave as bfloat16 with the adapter added (not rounded away in float8)
+    from safetensors.torch import load_file
+
+    from fastpost.export import save_transformer
+
+    save_transformer(trainer.model, tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
+    layer = trainer.model.transformer_blocks[0].attn1.to_q
+    base = layer.base_layer.weight.detach()
+    delta = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+    got = merged["transformer_blocks.0.attn1.to_q.weight"]
+    assert base.dtype == torch.float8_e4m3fn and got.dtype == torch.bfloat16
+    assert torch.equal(got, (base.float() + delta).to(torch.bfloat16))
+    assert not torch.equal(got, base.to(torch.bfloat16))
 
 
 # ---- id_token -------------------------------------------------------------------------------------------------------
