@@ -227,9 +227,11 @@ def checkpoint_offloaded(blocks: Iterable[nn.Module], offloader: ActivationOfflo
         def forward(*args, _inner=inner, _slot=slot, **kw):
             flat, spec = tree_flatten((args, kw))
             where = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+            # what `run` keeps (it lives on the autograd graph until backward) must not hold the device inputs
+            skeleton = [None if isinstance(x, torch.Tensor) else x for x in flat]
 
             def run(*tensors):
-                leaves = list(flat)
+                leaves = list(skeleton)
                 for i, t in zip(where, tensors):
                     leaves[i] = t
                 a, k = tree_unflatten(leaves, spec)
