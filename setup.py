@@ -21,6 +21,7 @@ setup(
         "tokenizers>=0.19",
         "sentencepiece",
         "matplotlib>=3.7",
+        "ftfy",  # diffusers' Wan pipelines clean prompts with it (fastpost.models.wan uses the same cleaning)
     ],
     extras_require={
         "dev": ["pytest>=8", "prodigyopt>=1.1"],

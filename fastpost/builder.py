@@ -54,6 +54,9 @@ class ModelSpec:
     lora: Any = None  # a fastpost.lora.LoRAConfig with enabled=True, or None
     trainable: bool = True  # False: frozen (teacher, target, sampler); FSDP then reshards every unit after forward
     allow_pickle: bool = False  # accept pickled .bin weights (can run code from the file: opt-in)
+    # one expert of a two-expert pipeline (Wan 2.2 A14B): the flow-matching noise levels (sigma) it owns; recipes
+    # draw training times only there. None: the whole schedule
+    expert_range: tuple[float, float] | None = None
     storage_dtype: str | None = None  # frozen block linears stored in this dtype (fastpost.storage)
 
     def with_(self, **kw) -> "ModelSpec":
@@ -76,6 +79,46 @@ def transformer_dir(pretrained: str | Path) -> Path:
     raise BuildError(f"{str(path)!r} holds neither transformer/config.json (a diffusers pipeline folder) nor "
                      f"config.json (a transformer folder); point model.pretrained at one of those (downloaded "
                      f"checkpoints are used from a local folder)")
+
+
+EXPERTS = ("high_noise", "low_noise")  # transformer/ and transformer_2/ of a two-expert pipeline folder
+
+
+def pipeline_boundary_ratio(pretrained: str | Path | None) -> float | None:
+    """boundary_ratio of a diffusers pipeline folder whose model_index.json names a transformer_2 (Wan 2.2 A14B:
+    transformer = the high-noise expert for t >= boundary_ratio * 1000, transformer_2 = the low-noise one), else
+    None."""
+    index = Path(pretrained) / "model_index.json" if pretrained is not None else None
+    if index is None or not index.is_file():
+        return None
+    raw = json.loads(index.read_text())
+    second = raw.get("transformer_2")
+    if not (isinstance(second, list) and second and second[0] is not None):
+        return None
+    if raw.get("boundary_ratio") is None:
+        raise BuildError(f"{index} names a transformer_2 but no boundary_ratio: it does not say which timesteps "
+                         f"each expert denoises")
+    return float(raw["boundary_ratio"])
+
+
+def expert_spec(spec: "ModelSpec", expert: str | None) -> "ModelSpec":
+    """The spec of one expert of a two-expert pipeline folder: its transformer folder and the sigmas it owns
+    (high_noise: [boundary_ratio, 1], low_noise: [0, boundary_ratio)). expert None: spec unchanged, and a
+    two-expert folder is an error (which expert would train is not said)."""
+    ratio = pipeline_boundary_ratio(spec.pretrained)
+    if expert is None:
+        if ratio is not None:
+            raise BuildError(f"{spec.pretrained} holds two experts (transformer/ high noise, transformer_2/ low noise, "
+                             f"boundary_ratio {ratio}): set model.expert to high_noise or low_noise")
+        return spec
+    if expert not in EXPERTS:
+        raise BuildError(f"model.expert must be one of {EXPERTS}, got {expert!r}")
+    if ratio is None:
+        raise BuildError(f"model.expert={expert!r} needs a two-expert pipeline folder (model_index.json with "
+                         f"transformer_2 and boundary_ratio, e.g. Wan2.2-T2V-A14B-Diffusers); {spec.pretrained} is not")
+    if expert == "high_noise":
+        return replace(spec, pretrained=str(Path(spec.pretrained) / "transformer"), expert_range=(ratio, 1.0))
+    return replace(spec, pretrained=str(Path(spec.pretrained) / "transformer_2"), expert_range=(0.0, ratio))
 
 
 def weight_files(folder: Path, variant: str | None = None, allow_pickle: bool = False) -> dict[str, Path]:

@@ -28,6 +28,7 @@ class VaeSpec:
     class_name: str  # e.g. "AutoencoderKLCogVideoX"
     factors_fn: Callable[[Mapping], tuple[int, int]]  # VAE config -> (spatial, temporal) compression
     debug_config: Mapping[str, Any] = field(default_factory=dict)  # kwargs of a tiny random VAE (tests, demo)
+    channels_key: str = "latent_channels"  # the VAE config key of its latent channels (AutoencoderKLWan: z_dim)
 
     def check(self, vae_or_config: Any) -> Mapping:
         cfg = _config_dict(vae_or_config)
@@ -39,6 +40,9 @@ class VaeSpec:
     def factors(self, vae_or_config: Any) -> tuple[int, int]:
         """(spatial, temporal) compression; valid pixel frame counts are temporal * k + 1."""
         return self.factors_fn(self.check(vae_or_config))
+
+    def latent_channels(self, vae_or_config: Any) -> int | None:
+        return _config_dict(vae_or_config).get(self.channels_key)
 
     def frame_multiple(self, vae_or_config: Any) -> int:
         return self.factors(vae_or_config)[1]
@@ -64,10 +68,15 @@ class TextSpec:
     pass_mask: bool = True  # the encoder sees the attention mask (CogVideoX: no, padding attends to everything)
     zero_padding: bool = False  # embeddings at padding positions are zeroed after encoding (Wan trims + pads)
     mask_used: bool = True  # the transformer attends only to valid tokens (CogVideoX attends to all)
+    # the prompt length when the transformer config has no max_length_key (Wan: the pipeline's fixed 512)
+    default_max_length: int | None = None
+    # the pipeline's prompt cleaning before tokenising (Wan: ftfy + html unescape + whitespace), None: verbatim
+    prompt_clean: Callable[[str], str] | None = None
 
     def max_length(self, transformer_config: Any) -> int | None:
         cfg = transformer_config
-        return cfg.get(self.max_length_key) if isinstance(cfg, Mapping) else getattr(cfg, self.max_length_key, None)
+        value = cfg.get(self.max_length_key) if isinstance(cfg, Mapping) else getattr(cfg, self.max_length_key, None)
+        return value if value is not None else self.default_max_length
 
 
 # ---- VAE helpers (generic over diffusers AutoencoderKL* classes) ----------------------------------------------------

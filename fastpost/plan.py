@@ -153,7 +153,7 @@ def sequence(family, config: dict, vae: dict, plan: PlanConfig) -> tuple[int, in
     latent_frames = (plan.frames - 1) // temporal + 1
     p_t, p_h, p_w = family.patch_sizes(config)
     video = math.ceil(latent_frames / p_t) * (plan.height // spatial // p_h) * (plan.width // spatial // p_w)
-    text = int(config.get(family.text.max_length_key) or 0) if family.text is not None else 0
+    text = int(family.text.max_length(config) or 0) if family.text is not None else 0
     return video, text
 
 
@@ -161,13 +161,23 @@ def sequence(family, config: dict, vae: dict, plan: PlanConfig) -> tuple[int, in
 def _probe_config(config: dict, heads: int) -> tuple[dict, float]:
     """The config at `heads` heads (head_dim kept, so attention runs the same kernel) and its width ratio."""
     scale = config["num_attention_heads"] / heads
-    probe = {**config, "num_attention_heads": heads, "num_layers": 2, "text_embed_dim": 64}
+    probe = {**config, "num_attention_heads": heads, "num_layers": 2, _text_key(config): 64}
     if "pooled_projection_dim" in config:  # Mochi's text stream width inside the blocks
         probe["pooled_projection_dim"] = max(8, int(config["pooled_projection_dim"] / scale) // 8 * 8)
+    for key in ("ffn_dim", "added_kv_proj_dim"):  # Wan's FFN and I2V image k/v widths follow the model width
+        if config.get(key):
+            probe[key] = max(8, int(config[key] / scale))
     for key in ("sample_height", "sample_width"):  # CogVideoX 1.5 RoPE slices a grid of this size
         if key in probe:
             probe[key] = max(probe[key], 64)
     return probe, scale
+
+
+def _text_key(config: dict) -> str:
+    """The config key of the prompt embedding width (text_embed_dim; Wan: text_dim)."""
+    from fastpost.data.checks import TEXT_WIDTH_KEYS
+
+    return next((k for k in TEXT_WIDTH_KEYS if k in config), "text_embed_dim")
 
 
 @functools.lru_cache(maxsize=32)
@@ -218,7 +228,7 @@ def _measure(family_name: str, config_json: str, video_grid: tuple[int, int, int
     f, h, w = video_grid
     channels = config["in_channels"]
     latents = torch.randn(1, channels, f * p_t, h * p_h, w * p_w)
-    embeds = torch.randn(1, text, config["text_embed_dim"])
+    embeds = torch.randn(1, text, config[_text_key(config)])
     mask = torch.ones(1, text, dtype=torch.bool)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = family.predict(model, latents, torch.tensor([500]), embeds, mask)

@@ -25,8 +25,10 @@ def build_tiny_pipeline(out_dir: str | Path, family: str = "cogvideox", flavor: 
     if not (fam.pipeline_class and fam.vae and fam.text):
         raise ValueError(f"model family {family!r} has no diffusers pipeline (with a VAE and text encoder) to build")
     out_dir = Path(out_dir)
-    text_dir = build_tiny_text_encoder(out_dir / "_build" / "text", d_model=fam.config(flavor)["text_embed_dim"],
-                                       seed=seed)
+    config = fam.config(flavor)
+    text_dim = config.get("text_embed_dim") or config["text_dim"]  # Wan's transformer calls it text_dim
+    text_dir = build_tiny_text_encoder(out_dir / "_build" / "text", d_model=text_dim, seed=seed,
+                                       encoder_class=fam.text.encoder_class)
     vae_dir = build_tiny_vae(out_dir / "_build" / "vae", fam, seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from fastpost.builder import ModelSpec, build_model, model_config
+from fastpost.builder import ModelSpec, build_model, expert_spec, model_config
 from fastpost.checkpoint import CheckpointConfig, CheckpointManager, resolve_resume
 from fastpost.cluster import EXIT_DIVERGED, ClusterConfig, JobGuard, JobStop
 from fastpost.config import from_dict, to_dict
@@ -66,14 +66,18 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # stored weights (fsdp.param_dtype computes)
     variant: str | None = None  # diffusers weight variant, e.g. fp16 -> diffusion_pytorch_model.fp16.safetensors
     allow_pickle: bool = False  # accept pickled .bin weights (they can run code when loaded)
+    # two-expert pipelines (Wan 2.2 A14B): the expert this job trains, high_noise (transformer/) or low_noise
+    # (transformer_2/); training times are drawn only from its noise levels
+    expert: Literal["high_noise", "low_noise"] | None = None
     # LoRA: the frozen block linears stored in float8_e4m3fn / float8_e5m2 / bfloat16, upcast per layer to
     # fsdp.param_dtype (fastpost/storage.py); None: stored in dtype
     storage_dtype: Literal["float8_e4m3fn", "float8_e5m2", "bfloat16"] | None = None
 
     def spec(self, lora: LoRAConfig | None = None) -> ModelSpec:
-        return ModelSpec(pretrained=self.pretrained, flavor=self.flavor, init_seed=self.init_seed, dtype=self.dtype,
+        spec = ModelSpec(pretrained=self.pretrained, flavor=self.flavor, init_seed=self.init_seed, dtype=self.dtype,
                          variant=self.variant, lora=lora if lora is not None and lora.enabled else None,
                          allow_pickle=self.allow_pickle, storage_dtype=self.storage_dtype)
+        return expert_spec(spec, self.expert)
 
 
 @dataclass

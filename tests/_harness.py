@@ -35,7 +35,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple) ->
 # 'spawn' importing torch + diffusers again (measured: that import was most of a world-4 test's time on 2 cores).
 # The server imports modules only: no threads or process groups exist in it, so forking it is safe.
 _PRELOAD = ["torch", "torch.distributed", "diffusers", "transformers", "peft", "fastpost.trainer",
-            "fastpost.models.cogvideox", "fastpost.models.mochi", "fastpost.sampling"]
+            "fastpost.models.cogvideox", "fastpost.models.mochi", "fastpost.models.wan", "fastpost.sampling"]
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> None:

@@ -20,13 +20,13 @@ from fastpost.trainer import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FILES = sorted(CONFIGS.rglob("*.yaml"))
-TRAIN_JOBS = [f for f in FILES if "plan" in load_yaml(f)]
+TRAIN_JOBS = [f for f in FILES if "plan" in load_yaml(f)]  # the real jobs state their hardware in plan:
 # one consumer GPU (issue 22): the header states the planner's peak, the card and an estimated step time
 ONE_GPU = {"cogvideox/2b_lora_8gb.yaml", "cogvideox/2b_lora_16gb.yaml", "cogvideox/2b_lora_24gb.yaml",
-           "cogvideox/5b_lora_16gb.yaml", "cogvideox/5b_lora_24gb.yaml"}  # the real jobs state their hardware in plan:
+           "cogvideox/5b_lora_16gb.yaml", "cogvideox/5b_lora_24gb.yaml"}
 EXPECTED = {"cogvideox/lora_2b.yaml", "cogvideox/lora_5b.yaml", "cogvideox/full_5b.yaml",
             "cogvideox/distill_5b.yaml", "cogvideox/lora_1.5_5b.yaml", "mochi/lora.yaml", "mochi/distill.yaml",
-            *ONE_GPU}
+            "wan/t2v_1.3b_lora.yaml", "wan/t2v_14b_lora_8gpu.yaml", *ONE_GPU}
 
 
 

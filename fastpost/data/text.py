@@ -50,11 +50,12 @@ class TextEncoder:
 
     def __init__(self, tokenizer, model: torch.nn.Module, pass_mask: bool = True,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 zero_padding: bool = False) -> None:
+                 zero_padding: bool = False, prompt_clean: Any = None) -> None:
         self.tokenizer = tokenizer
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.pass_mask = pass_mask
         self.zero_padding = zero_padding
+        self.prompt_clean = prompt_clean  # the pipeline's cleaning of prompt text (TextSpec.prompt_clean)
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -83,7 +84,8 @@ class TextEncoder:
         model = getattr(transformers, spec.encoder_class).from_pretrained(
             str(enc_dir), **pretrained_kwargs(enc_dir, allow_pickle))
         pass_mask = spec.pass_mask if pass_mask is None else pass_mask
-        return cls(tokenizer, model, pass_mask=pass_mask, device=device, dtype=dtype, zero_padding=spec.zero_padding)
+        return cls(tokenizer, model, pass_mask=pass_mask, device=device, dtype=dtype, zero_padding=spec.zero_padding,
+                   prompt_clean=spec.prompt_clean)
 
     @property
     def hidden_size(self) -> int:
@@ -94,6 +96,8 @@ class TextEncoder:
         """Returns (embeds [B, max_length, D] in self.dtype, mask [B, max_length] int64 with 1 = real token)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if self.prompt_clean is not None:
+            prompts = [self.prompt_clean(p) for p in prompts]
         tokens = self.tokenizer(
             list(prompts), padding="max_length", max_length=max_length, truncation=True,
             add_special_tokens=True, return_tensors="pt",

@@ -35,17 +35,23 @@ def build_tiny_tokenizer(extra_words: list[str] | tuple[str, ...] = ()):
 
 
 def build_tiny_text_encoder(out_dir: str | Path, d_model: int = 16, num_layers: int = 2, num_heads: int = 2,
-                            seed: int = 0) -> Path:
-    """Save a tokenizer and a random T5EncoderModel (d_model = text embed dim) into out_dir; returns out_dir.
+                            seed: int = 0, encoder_class: str = "T5EncoderModel") -> Path:
+    """Save a tokenizer and a random T5EncoderModel (or UMT5EncoderModel: Wan) (d_model = text embed dim) into
+    out_dir; returns out_dir.
 
     Both live in the same folder, which TextEncoder.from_pretrained (and AutoTokenizer / T5EncoderModel)
     accept directly.
     """
-    from transformers import T5Config, T5EncoderModel
+    import transformers
+
+    if encoder_class not in ("T5EncoderModel", "UMT5EncoderModel"):
+        raise ValueError(f"tiny text encoders are T5EncoderModel or UMT5EncoderModel, not {encoder_class!r}")
+    config_cls = transformers.UMT5Config if encoder_class == "UMT5EncoderModel" else transformers.T5Config
+    T5EncoderModel = getattr(transformers, encoder_class)
 
     out_dir = Path(out_dir)
     tokenizer = build_tiny_tokenizer()
-    config = T5Config(
+    config = config_cls(
         vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=2 * d_model,
         num_layers=num_layers, num_heads=num_heads, relative_attention_num_buckets=8,
         relative_attention_max_distance=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,

@@ -99,6 +99,9 @@ class Distill(Recipe):
 
     def __init__(self, cfg: DistillConfig, ctx: RecipeContext):
         super().__init__(cfg, ctx)
+        if getattr(ctx.spec, "expert_range", None) is not None:
+            raise ValueError("recipe distill learns the whole trajectory with one student; model.expert (one expert of "
+                             "a two-expert model such as Wan 2.2 A14B) is supported by recipe finetune")
         if cfg.skip_steps < 1:
             raise ValueError(f"recipe_args.skip_steps must be >= 1, got {cfg.skip_steps}")
         if not 1.0 <= cfg.guidance_min <= cfg.guidance_max:

@@ -107,6 +107,9 @@ class Finetune(Recipe):
             self.family, ctx.spec.pretrained if ctx.spec is not None else None,
             ctx.train_cfg.model.flavor if ctx.train_cfg is not None else None))
         self.dropout = CaptionDropout(cfg.caption_dropout, ctx.train_cfg.data.path if ctx.train_cfg else None)
+        self.expert_range = getattr(ctx.spec, "expert_range", None)
+        if self.expert_range is not None and self.noise.prediction_type != "flow_matching":
+            raise ValueError("model.expert (one expert of a two-expert model) needs a flow-matching family")
 
     def trainables(self):
         out = {"model": Trainable(self.model)}
@@ -119,6 +122,9 @@ class Finetune(Recipe):
         x0 = batch["latents"].float()
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         t = self.noise.sample_times(x0.shape[0], generator, self.cfg).to(x0.device)
+        if self.expert_range is not None:  # one expert of a two-expert model: its noise levels only
+            lo, hi = self.expert_range
+            t = lo + (hi - lo) * t  # the job's time distribution, mapped onto the expert's interval
         x_t = self.noise.add_noise(x0, eps, t)
         timestep = self.noise.model_timestep(t)
         # drawn after the noise and times, so caption_dropout=0 leaves every earlier draw as it was

@@ -37,8 +37,8 @@ from fastpost.distributed.fsdp import DTYPES
 from fastpost.distributed.parallel_dims import init_distributed
 from fastpost.models import get_family
 from fastpost.sampling import mesh as mesh_lib
-from fastpost.sampling.denoiser import Denoiser
-from fastpost.builder import BuildError, ModelSpec, build_model
+from fastpost.sampling.denoiser import Denoiser, LowNoiseExpert
+from fastpost.builder import BuildError, ModelSpec, build_model, pipeline_boundary_ratio
 from fastpost.sampling.model import apply_trained_weights, check_lora_dir, resolve_checkpoint
 from fastpost.sampling.prompts import encode_prompts
 from fastpost.sampling.samplers import SamplerContext, build_sampler
@@ -64,6 +64,9 @@ class SampleModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # transformer, text encoder, VAE
     allow_pickle: bool = False  # accept pickled .bin weights in model folders (they can run code when loaded)
     attention_backend: str = "auto"
+    # two-expert pipelines (Wan 2.2 A14B): the expert `checkpoint` / `lora` were trained for (a training job's
+    # model.expert): high_noise (transformer/) or low_noise (transformer_2/)
+    expert: Literal["high_noise", "low_noise"] | None = None
 
 
 @dataclass
@@ -84,6 +87,7 @@ class SampleConfig:
     num_frames: int | None = None  # pixel frames: temporal * k + 1 (CogVideoX 4k+1, Mochi 6k+1)
     steps: int | None = None  # None: the pipeline's default (CogVideoX 50, Mochi 64)
     guidance_scale: float | None = None  # None: pipeline default (6.0 / 4.5); <= 1 disables CFG
+    guidance_scale_2: float | None = None  # two-expert pipelines (Wan 2.2 A14B): the low-noise expert's; None: same
     dynamic_cfg: bool = False  # CogVideoXPipeline's use_dynamic_cfg schedule
     cfg_batched: bool = True  # parallel.cfg=1: uncond+cond in one batch (as diffusers); false: two calls, half the
     #                           activation memory, and bitwise the per-half computation CFG parallel does
@@ -155,8 +159,9 @@ def resolve_geometry(cfg: SampleConfig, family, model_config, vae_config: dict) 
         lo = max(0, (f - 1) // temporal) * temporal + 1
         raise SampleError(f"num_frames={f} is not valid for the {vae_config['_class_name']} VAE: it needs "
                           f"{temporal}k+1 frames (e.g. {lo} or {lo + temporal})")
-    if vae_config.get("latent_channels") != model_config.in_channels:
-        raise SampleError(f"the VAE has {vae_config.get('latent_channels')} latent channels but the transformer takes "
+    latent_channels = family.vae.latent_channels(vae_config)
+    if latent_channels != model_config.in_channels:
+        raise SampleError(f"the VAE has {latent_channels} latent channels but the transformer takes "
                           f"{model_config.in_channels}: model.vae does not belong to this model")
     latent_frames = (f - 1) // temporal + 1
     pad = (pt - latent_frames % pt) % pt
@@ -218,8 +223,10 @@ class VideoSampler:
 
         # 3. trained weights, 4. sequence parallel
         self.checkpoint = resolve_checkpoint(m.checkpoint) if m.checkpoint else None
-        apply_trained_weights(self.family, model, m, self.checkpoint)
         self.model = model
+        self.low_noise = self._low_noise_expert(spec)
+        trained = self.low_noise.model if self.low_noise is not None and m.expert == "low_noise" else model
+        apply_trained_weights(self.family, trained, m, self.checkpoint)
 
         # 5. prompt embeddings, identical everywhere
         negatives = [it.negative_prompt for it in self.items] if self.guidance > 1 else None
@@ -231,8 +238,34 @@ class VideoSampler:
         else:
             strategy = "batched" if cfg.cfg_batched else "sequential"
         self.denoiser = Denoiser(self.family, self.model, self.dtype, self.layout, self.guidance, cfg.dynamic_cfg,
-                                 self.steps, strategy, self.mesh.cfg_group, self.mesh.cfg_rank)
+                                 self.steps, strategy, self.mesh.cfg_group, self.mesh.cfg_rank, self.low_noise)
         self.vae = None
+
+    def _low_noise_expert(self, spec: ModelSpec) -> LowNoiseExpert | None:
+        """A two-expert pipeline folder (model_index.json names a transformer_2 and a boundary_ratio, as Wan 2.2
+        A14B's): its low-noise expert, built like the first (replicated, SP processors), or None."""
+        m = self.cfg.model
+        try:
+            ratio = pipeline_boundary_ratio(m.pretrained)
+        except BuildError as e:
+            raise SampleError(str(e)) from None
+        if ratio is None:
+            if m.expert is not None:
+                raise SampleError(f"model.expert={m.expert!r} needs a two-expert pipeline folder (model_index.json "
+                                  f"with transformer_2 and boundary_ratio); {m.pretrained} is not")
+            return None
+        if (m.checkpoint or m.lora) and m.expert is None:
+            raise SampleError(f"{m.pretrained} holds two experts (transformer/ high noise, transformer_2/ low noise): "
+                              f"set model.expert to the one model.checkpoint / model.lora was trained for")
+        try:
+            model_2, _ = build_model(self.family, spec.with_(pretrained=str(Path(m.pretrained) / "transformer_2")),
+                                     self.dims, attention_backend=m.attention_backend, shard=False,
+                                     device=self.device)
+        except BuildError as e:
+            raise SampleError(str(e)) from None
+        boundary = ratio * self.scheduler_config.get("num_train_timesteps", 1000)
+        guidance_2 = self.cfg.guidance_scale_2 if self.cfg.guidance_scale_2 is not None else self.guidance
+        return LowNoiseExpert(model_2, boundary, guidance_2)
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def _sampler_ctx(self, seed: int) -> SamplerContext:
@@ -292,7 +325,9 @@ class VideoSampler:
         it, g, cfg = self.items[index], self.geometry, self.cfg
         return {
             "prompt": it.prompt, "negative_prompt": it.negative_prompt, "seed": it.seed, "steps": self.steps,
-            "guidance_scale": self.guidance, "dynamic_cfg": cfg.dynamic_cfg, "sampler": self.sampler_name,
+            "guidance_scale": self.guidance,
+            "guidance_scale_2": self.low_noise.guidance if self.low_noise is not None else None,
+            "dynamic_cfg": cfg.dynamic_cfg, "sampler": self.sampler_name,
             "sampler_args": cfg.sampler_args, "scheduler_config": self.scheduler_config,
             "model": {**to_dict(cfg.model), "checkpoint_resolved": str(self.checkpoint) if self.checkpoint else None},
             "lora": cfg.model.lora, "height": g.height, "width": g.width, "num_frames": g.num_frames,

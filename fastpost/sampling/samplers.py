@@ -1,6 +1,6 @@
 """Samplers for `fastpost.sampling`: the plug-in interface and registry, the diffusers schedulers the families'
-pipelines use (DDIM / DPM for v-prediction, flow-match Euler), and the phased few-step sampler of a distilled
-student. Which one a job gets by default is the family's (ModelFamily.default_sampler).
+pipelines use (DDIM / DPM for v-prediction, flow-match Euler, flow UniPC), and the phased few-step sampler of a
+distilled student. Which one a job gets by default is the family's (ModelFamily.default_sampler).
 
 The plug-in interface (everything the denoising loop touches):
 
@@ -167,6 +167,40 @@ class FlowEulerSampler:
 
 
 register_sampler("flow_euler", FlowEulerConfig)(FlowEulerSampler)
+
+
+# ---- flow matching: UniPC on flow sigmas (WanPipeline's default scheduler) -------------------------------------------
+@dataclass
+class UniPCConfig:
+    """No options of its own: the scheduler config (the checkpoint's, e.g. flow_shift, solver_order) is the truth;
+    change it with the job's scheduler_overrides."""
+
+
+class UniPCSampler:
+    """diffusers' UniPCMultistepScheduler from the scheduler config, as WanPipeline runs it: with
+    prediction_type=flow_prediction and use_flow_sigmas it integrates fastpost's flow convention directly (velocity
+    noise - x0; its timesteps are int(1000 sigma), what the pipeline feeds the model)."""
+
+    def __init__(self, ctx: SamplerContext, cfg: UniPCConfig):
+        from diffusers import UniPCMultistepScheduler
+
+        _require(ctx, "flow_matching", "unipc")
+        self.scheduler = UniPCMultistepScheduler.from_config(ctx.scheduler_config)
+        if self.scheduler.config.prediction_type != "flow_prediction" or not self.scheduler.config.use_flow_sigmas:
+            raise ValueError("sampler 'unipc' needs a flow UniPC scheduler config (prediction_type: flow_prediction, "
+                             "use_flow_sigmas: true), as Wan checkpoints ship; set them in scheduler_overrides")
+        self.init_noise_sigma = 1.0  # WanPipeline starts from unscaled noise
+
+    def set_timesteps(self, num_steps: int, device) -> torch.Tensor:
+        self.scheduler.set_timesteps(num_steps, device=device)
+        self.scheduler.set_begin_index(0)
+        return self.scheduler.timesteps
+
+    def step(self, model_output, index, timestep, latents):
+        return self.scheduler.step(model_output.float(), timestep, latents.float(), return_dict=False)[0]
+
+
+register_sampler("unipc", UniPCConfig)(UniPCSampler)
 
 
 # ---- a distilled student's few-step sampler (recipes/distill.py trains it) ------------------------------------------
