@@ -2,7 +2,7 @@
 """One consumer GPU (issue 22): the planner's peak per option set for the goal jobs, and the loss curves of the
 frozen base stored in fp32 / bf16 / fp8.
 
-    python benchmarks/bench_one_gpu.py            # planner table (CogVideoX-2b / 5b LoRA at 49x480x720), seconds
+    python benchmarks/bench_one_gpu.py            # planner tables (CogVideoX-2b / 5b, Wan 2.1 T2V-14B LoRA), ~1 min
     python benchmarks/bench_one_gpu.py --curves   # 50 LoRA steps of the tiny CogVideoX per storage dtype (~1 min)
 
 The table's step times are ESTIMATES, not measurements (no GPU was available): training FLOPs (forward: 2 x linear
@@ -43,8 +43,12 @@ OPTIONS = {
         "model.storage_dtype=float8_e4m3fn", "optim.name=adamw8bit", "ac.mode=full", "offload.activations=true",
         "offload.blocks=true"],
 }
-GOALS = {"CogVideoX-2b LoRA": ("configs/cogvideox/lora_2b.yaml", "8GB"),
-         "CogVideoX-5b LoRA": ("configs/cogvideox/lora_5b.yaml", "16GB")}
+GOALS = {"CogVideoX-2b LoRA, 49x480x720": ("configs/cogvideox/lora_2b.yaml", "8GB"),
+         "CogVideoX-5b LoRA, 49x480x720": ("configs/cogvideox/lora_5b.yaml", "16GB"),
+         "Wan 2.1 T2V-14B LoRA, 81x480x832": ("configs/wan/t2v_14b_lora_24gb.yaml", "24GB")}
+# every option set starts from these (a goal's job file may already set some of them)
+RESET = ["model.storage_dtype=null", "optim.name=adamw", "ac.mode=selective", "offload.blocks=false",
+         "offload.activations=false"]
 
 
 def step_seconds(cfg, tflops: float) -> float:
@@ -67,7 +71,7 @@ def step_seconds(cfg, tflops: float) -> float:
         low = 1 if (cfg.model.storage_dtype or "").startswith("float8") else 2
         moved += 2 * facts.stored * low
     if cfg.offload.activations:  # block inputs out and back
-        moved += 2 * facts.blocks * tokens * width * 2 * 2  # hidden + text stream (~2 x tokens x width), bf16
+        moved += 2 * facts.blocks * tokens * width * 2  # video + text streams: tokens x width, bf16
     return max(compute, moved / PCIE)
 
 
@@ -77,7 +81,7 @@ def plan_rows() -> list[list[str]]:
     rows = []
     for job, (path, goal) in GOALS.items():
         for name, overrides in OPTIONS.items():
-            cfg = load_config(TrainConfig, ROOT / path, [*overrides, f"plan.gpu_memory={goal}"])
+            cfg = load_config(TrainConfig, ROOT / path, [*RESET, *overrides, f"plan.gpu_memory={goal}"])
             plan = plan_job(cfg)
             card, tflops = CARDS[goal]
             fits = "fits" if plan.total <= parse_bytes(goal) else "no"
@@ -86,7 +90,8 @@ def plan_rows() -> list[list[str]]:
     return rows
 
 
-JOB_FILES = ["2b_lora_8gb", "2b_lora_16gb", "2b_lora_24gb", "5b_lora_16gb", "5b_lora_24gb"]
+JOB_FILES = ["cogvideox/2b_lora_8gb", "cogvideox/2b_lora_16gb", "cogvideox/2b_lora_24gb", "cogvideox/5b_lora_16gb",
+             "cogvideox/5b_lora_24gb", "wan/t2v_14b_lora_24gb"]
 
 
 def job_file_rows() -> list[list[str]]:
@@ -95,9 +100,9 @@ def job_file_rows() -> list[list[str]]:
 
     rows = []
     for name in JOB_FILES:
-        cfg = load_config(TrainConfig, ROOT / "configs" / "cogvideox" / f"{name}.yaml", [])
+        cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml", [])
         card = next(v for k, v in CARDS.items() if k == cfg.plan.gpu_memory)
-        rows.append([f"configs/cogvideox/{name}.yaml", f"{plan_job(cfg).total / GIB:.2f}",
+        rows.append([f"configs/{name}.yaml", f"{plan_job(cfg).total / GIB:.2f}",
                      f"{parse_bytes(cfg.plan.gpu_memory) / GIB:.1f}",
                      f"~{step_seconds(cfg, card[1]):.0f} s on {card[0]}"])
     return rows
@@ -149,7 +154,7 @@ def main() -> None:
     print(markdown_table(["job file", "predicted peak (GiB)", "budget (GiB)", "step time (estimate)"],
                          job_file_rows()))
     print()
-    print(markdown_table(["job (49x480x720, batch 1)", "options", "predicted peak (GiB)", "card",
+    print(markdown_table(["job (batch 1)", "options", "predicted peak (GiB)", "card",
                           "step time (estimate)"], plan_rows()))
 
 

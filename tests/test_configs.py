@@ -23,11 +23,10 @@ FILES = sorted(CONFIGS.rglob("*.yaml"))
 TRAIN_JOBS = [f for f in FILES if "plan" in load_yaml(f)]  # the real jobs state their hardware in plan:
 # one consumer GPU (issue 22): the header states the planner's peak, the card and an estimated step time
 ONE_GPU = {"cogvideox/2b_lora_8gb.yaml", "cogvideox/2b_lora_16gb.yaml", "cogvideox/2b_lora_24gb.yaml",
-           "cogvideox/5b_lora_16gb.yaml", "cogvideox/5b_lora_24gb.yaml"}
+           "cogvideox/5b_lora_16gb.yaml", "cogvideox/5b_lora_24gb.yaml", "wan/t2v_14b_lora_24gb.yaml"}
 EXPECTED = {"cogvideox/lora_2b.yaml", "cogvideox/lora_5b.yaml", "cogvideox/full_5b.yaml",
             "cogvideox/distill_5b.yaml", "cogvideox/lora_1.5_5b.yaml", "mochi/lora.yaml", "mochi/distill.yaml",
             "wan/t2v_1.3b_lora.yaml", "wan/t2v_14b_lora_8gpu.yaml", *ONE_GPU}
-
 
 
 def _name(path: Path) -> str:
