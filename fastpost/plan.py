@@ -326,11 +326,20 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
 
     store, compute, reduce = (_BYTES[cfg.model.dtype], _BYTES[cfg.fsdp.param_dtype], _BYTES[cfg.fsdp.reduce_dtype])
     storage, offload, optim = cfg.model.storage_dtype, cfg.offload, cfg.optim.name
+    if offload.any and world > 1:  # the builder's rules, so a plan never describes a job that cannot build
+        raise ValueError(f"offload.blocks / offload.activations are for one GPU ({world} here); with several GPUs "
+                         f"use fsdp.cpu_offload")
+    if offload.activations and cfg.ac.mode != "full":
+        raise ValueError("offload.activations offloads the inputs of fully checkpointed blocks: set ac.mode: full")
+
     low = _STORAGE_BYTES[storage] if storage else store
     frozen_bytes = compute if storage else store  # storage_dtype keeps the rest of the frozen model in compute
     # storage_dtype: FSDP keeps the stored dtypes and casts nothing, so one rank needs no FSDP at all
     fsdp_on = (shard > 1 or cfg.fsdp.param_dtype != "float32" or cfg.fsdp.reduce_dtype != "float32"
                or cfg.fsdp.cpu_offload) and not (storage and shard == 1 and not cfg.fsdp.cpu_offload)
+    if offload.blocks and fsdp_on:
+        raise ValueError("offload.blocks runs without FSDP, but FSDP would be applied for mixed precision: set "
+                         "model.storage_dtype (per-layer casting) or fsdp.param_dtype: float32")
     on_gpu = 0.0 if cfg.fsdp.cpu_offload else 1.0
     parts: list[tuple[str, float]] = []
     weights = (facts.stored * low + (facts.total - facts.trainable - facts.stored) * frozen_bytes
@@ -416,7 +425,8 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
 
 def suggest(cfg) -> tuple[str, Plan] | None:
     """The cheapest change that fits: activation checkpointing first (compute only), then a larger Ulysses degree
-    (more communication), then CPU offload (slowest). None when nothing tried fits."""
+    (more communication), then (a LoRA on one GPU) fp8 storage, 8-bit AdamW and one-GPU offload, then CPU offload
+    (slowest). None when nothing tried fits."""
     from copy import deepcopy
 
     world = cfg.plan.gpus
@@ -426,7 +436,12 @@ def suggest(cfg) -> tuple[str, Plan] | None:
         for sp in sps:
             for mode in AC_ORDER:
                 tries.append((offload, sp, mode))
-    for offload, sp, mode in tries:
+    one_gpu = world == 1 and cfg.lora.enabled
+    for i, (offload, sp, mode) in enumerate(tries):
+        if one_gpu and i == len(tries) // 2:  # one LoRA GPU: the issue-22 options before FSDP's CPU offload
+            found = _suggest_one_gpu(cfg)
+            if found is not None:
+                return found
         c = deepcopy(cfg)
         c.parallel = replace(c.parallel, ulysses=sp, ring=1, dp_shard=-1)
         c.ac = replace(c.ac, mode=mode)
@@ -434,6 +449,26 @@ def suggest(cfg) -> tuple[str, Plan] | None:
         p = plan_job(c)
         if p.fits:
             change = f"parallel.ulysses={sp} ac.mode={mode}" + (" fsdp.cpu_offload=true" if offload else "")
+            return change, p
+    return None
+
+
+def _suggest_one_gpu(cfg) -> tuple[str, Plan] | None:
+    """fp8 base + 8-bit moments, then AC full, then the block inputs and then the blocks on the host (fastest
+    first: FSDP's CPU offload, tried after these, moves every weight and the optimizer step to the host)."""
+    from copy import deepcopy
+
+    for mode, acts, blocks in (("selective", False, False), ("full", False, False), ("full", True, False),
+                               ("full", True, True)):
+        c = deepcopy(cfg)
+        c.model = replace(c.model, storage_dtype="float8_e4m3fn")
+        c.optim = replace(c.optim, name="adamw8bit")
+        c.ac = replace(c.ac, mode=mode)
+        c.offload = replace(c.offload, activations=acts, blocks=blocks)
+        p = plan_job(c)
+        if p.fits:
+            change = f"model.storage_dtype=float8_e4m3fn optim.name=adamw8bit ac.mode={mode}"
+            change += (" offload.activations=true" if acts else "") + (" offload.blocks=true" if blocks else "")
             return change, p
     return None
 

@@ -327,3 +327,18 @@ def test_wan_blocks_store_and_offload_too():
     loss, grads = run("float8_e4m3fn", OffloadConfig(blocks=True, activations=True, prefetch=2), "full")
     want_loss, want = run("float8_e4m3fn", None, "full")
     assert loss == want_loss and all(torch.equal(grads[k], want[k]) for k in want)
+
+
+def test_planner_suggests_the_one_gpu_options_and_refuses_what_cannot_build():
+    from fastpost.config import load_config
+    from fastpost.plan import plan_job, suggest
+    from fastpost.trainer import TrainConfig
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "cogvideox"
+    change, plan = suggest(load_config(TrainConfig, root / "lora_5b.yaml", ["plan.gpu_memory=16GB"]))
+    assert change == "model.storage_dtype=float8_e4m3fn optim.name=adamw8bit ac.mode=full" and plan.fits
+    for overrides, match in ((["offload.activations=true", "ac.mode=selective"], "ac.mode: full"),
+                             (["offload.blocks=true"], "runs without FSDP"),
+                             (["offload.blocks=true", "plan.gpus=2"], "for one GPU")):
+        with pytest.raises(ValueError, match=match):
+            plan_job(load_config(TrainConfig, root / "lora_5b.yaml", overrides))
