@@ -24,11 +24,12 @@ setup(
         "ftfy",  # diffusers' Wan pipelines clean prompts with it (fastpost.models.wan uses the same cleaning)
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "prodigyopt>=1.1"],
         # `fastpost serve`: the page (rank 0) and its API client (tests/test_serve.py)
         "serve": ["gradio>=5", "gradio_client>=1"],
         # the real-browser test of the page (`make test-browser`; Chromium itself comes from the OS)
         "browser": ["selenium>=4.10"],
+        "prodigy": ["prodigyopt>=1.1"],  # optim.name: prodigy
         # Needs CUDA to build; never installed on CPU machines. fastpost imports it optionally.
         "flash": ["flash-attn>=2.6"],
     },

@@ -4,11 +4,14 @@ is made here, in one fixed order:
   1. construct   pretrained: on the meta device (no memory; buffers stay real), config from the checkpoint
                  no pretrained: seeded random init from the family's flavor (tiny models, tests, docs)
   2. LoRA        injected before sharding (FSDP must see the final parameter set); its init is real and seeded
+     storage     model.storage_dtype: the frozen block linears stored in float8/bf16 (fastpost/storage.py)
   3. SP          the family's sequence-parallel processors and split/gather hooks
   4. AC          activation checkpointing of the blocks
   5. FSDP2       per block, then the root, over the dp_shard x sp mesh (skipped with shard=False)
   6. load        each rank reads only its own slice of every tensor from the safetensors files (mmap'd); no
                  rank ever holds the whole model unless it is unsharded
+     offload     one GPU: frozen block weights to pinned host memory (distributed/offload.py; its forward wrapper
+                 goes on before AC so the recompute streams too; the weights are loaded on the host)
 
 Peak host memory per rank is therefore ~ its shard of the model in `dtype` plus one tensor in flight
 (benchmarks/bench_load_memory.py measures it).
@@ -27,6 +30,8 @@ import torch.nn as nn
 
 from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
 from fastpost.distributed.fsdp import DTYPES, FSDPConfig, apply_fsdp
+from fastpost.distributed.offload import ActivationOffloader, BlockOffloader, OffloadConfig, checkpoint_offloaded
+from fastpost.storage import apply_storage
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -55,6 +60,7 @@ class ModelSpec:
     # one expert of a two-expert pipeline (Wan 2.2 A14B): the flow-matching noise levels (sigma) it owns; recipes
     # draw training times only there. None: the whole schedule
     expert_range: tuple[float, float] | None = None
+    storage_dtype: str | None = None  # frozen block linears stored in this dtype (fastpost.storage)
 
     def with_(self, **kw) -> "ModelSpec":
         return replace(self, **kw)
@@ -344,26 +350,59 @@ def _inject_real_lora(model: nn.Module, spec: ModelSpec, default_targets=None) -
 
 
 def build_model(family, spec: ModelSpec, dims, *, ac: ACConfig | None = None, fsdp: FSDPConfig | None = None,
-                attention_backend: str = "auto", shard: bool = True, device: torch.device | None = None):
+                attention_backend: str = "auto", shard: bool = True, device: torch.device | None = None,
+                offload: OffloadConfig | None = None):
     """Build `spec` for `family` in the fixed order (module docstring); returns (model, sp_state).
 
     shard=False leaves the weights replicated (sampling): SP processors only, every rank loads everything.
     """
+    fsdp, offload = fsdp or FSDPConfig(), offload or OffloadConfig()
     model = construct(family, spec)
+    if spec.storage_dtype:
+        apply_storage(model, family.blocks(model), spec.storage_dtype, DTYPES[fsdp.param_dtype])
     sp_state = family.apply_sequence_parallel(model, dims, attention_backend)
     blocks = family.blocks(model)
-    if spec.trainable:
+    offloader = None
+    if offload.any and dims.world_size > 1:
+        raise BuildError(f"offload.blocks / offload.activations are for one GPU ({dims.world_size} ranks here); "
+                         f"with several GPUs use fsdp.cpu_offload")
+    if offload.blocks:
+        offloader = BlockOffloader(blocks, offload.prefetch)
+        offloader.install()  # before AC, so the recompute in backward streams the block in again
+    if spec.trainable and offload.activations:
+        if (ac or ACConfig()).mode != "full":
+            raise BuildError("offload.activations offloads the inputs of fully checkpointed blocks: set ac.mode: full")
+        checkpoint_offloaded(blocks, ActivationOffloader())
+    elif spec.trainable:
         apply_activation_checkpointing(blocks, ac or ACConfig())
     if shard:
-        apply_fsdp(model, blocks, dims, fsdp or FSDPConfig())
+        apply_fsdp(model, blocks, dims, fsdp)
     if device is None:
         device = torch.device(dims.mesh.device_type if dims.mesh is not None else "cpu")
     from torch.distributed.tensor import DTensor
 
+    if offloader is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+        raise BuildError("offload.blocks runs without FSDP, but FSDP was applied for mixed precision: set "
+                         "model.storage_dtype (per-layer casting) or fsdp.param_dtype: float32")
+    home = torch.device("cpu") if offloader is not None else device  # offloaded weights are loaded on the host
     if any(_local(p).is_meta for p in model.parameters()):
-        _materialize(model, device)
+        _materialize(model, home)
     elif not any(isinstance(p, DTensor) for p in model.parameters()):  # not sharded (world 1, or shard=False)
-        model.to(device)
+        model.to(home)
     if spec.pretrained is not None:
         load_weights(model, transformer_dir(spec.pretrained), spec.variant, spec.allow_pickle)
+    if offloader is not None:
+        offloader.attach(device)  # frozen block weights to pinned host memory,
+        _to_device_except_offloaded(model, offloader, device)  # everything else to the GPU
     return model, sp_state
+
+
+def _to_device_except_offloaded(model: nn.Module, offloader: BlockOffloader, device: torch.device) -> None:
+    hosted = {id(p) for entries in offloader.frozen for _, _, p in entries}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in hosted and p.device != device:
+                module._parameters[name] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and b.device != device:
+                module._buffers[name] = b.to(device)

@@ -54,6 +54,16 @@ def fused_tensors(model: nn.Module):
     """(checkpoint key, full tensor) for the model's state, LoRA fused into its base weights. A collective:
     every rank must iterate it to the end; non-zero ranks get the same keys with the tensors as well."""
     scalings = _lora_scalings(model)
+    for key, value in _fused(model, scalings):
+        # float8-stored frozen weights (model.storage_dtype) leave as bfloat16: exact, and a merged LoRA delta
+        # rounded back to float8 would be lost
+        yield key, value.to(torch.bfloat16) if value.dtype in _FLOAT8 else value
+
+
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _fused(model: nn.Module, scalings: dict):
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in model.state_dict().items():
         full = _full(value)
@@ -68,7 +78,8 @@ def fused_tensors(model: nn.Module):
             slot["A" if ".lora_A." in key else "B"] = full
         if {"weight", "A", "B"} <= set(slot) and ("bias" in slot or not _has_bias(model, prefix)):
             merged = slot["weight"].float() + scalings[prefix] * (slot["B"].float() @ slot["A"].float())
-            yield f"{prefix}.weight", merged.to(slot["weight"].dtype)
+            yield f"{prefix}.weight", merged.to(torch.bfloat16 if slot["weight"].dtype in _FLOAT8
+                                                else slot["weight"].dtype)
             if "bias" in slot:
                 yield f"{prefix}.bias", slot["bias"]
             del pending[prefix]

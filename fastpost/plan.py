@@ -15,7 +15,14 @@ this machine, else from the family's flavor named in `plan.flavor` (or model.fla
                     selective  L x (block inputs + attention outputs [+ Ulysses all-to-all outputs]) + 1 block
                     full       L x block inputs + 1 block (recomputed in backward)
   frozen models   a teacher / EMA target (full distillation): their sharded weights + gathered blocks
-  optimizer step  AdamW's foreach temporaries (~ one copy of the trainable shard), after activations are freed
+  optimizer step  AdamW's foreach temporaries (~ one copy of the trainable shard), after activations are freed;
+                  the other optimizers step tensor by tensor (a few copies of the largest one)
+
+One-GPU options (issue 22): model.storage_dtype (the frozen block linears at 1 or 2 bytes, the rest of the frozen
+model in the compute dtype, one layer's upcast copy), optim.name (fastpost.optim.state_bytes: 8-bit moments,
+Prodigy's 4 copies, adamw_offload's moments on the host), offload.blocks (1 + prefetch blocks' frozen weights
+resident; needs AC, whose recompute streams them in again) and offload.activations (AC full: the block inputs on
+the host, the current and the prefetched block's on the GPU).
 
 Tokens per GPU: video tokens of (plan.height, plan.width, plan.frames) through the family's VAE factors and patch
 sizes, split over sp, plus the text tokens every SP rank keeps.
@@ -38,6 +45,7 @@ import torch.nn as nn
 GIB = 1024 ** 3
 _SIZES = {"": GIB, "gib": GIB, "gb": 10 ** 9, "mib": 1024 ** 2, "mb": 10 ** 6, "tib": 1024 ** 4}
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_STORAGE_BYTES = {"float8_e4m3fn": 1, "float8_e5m2": 1, "bfloat16": 2}
 AC_ORDER = ("none", "selective", "full")
 
 
@@ -84,6 +92,10 @@ class ModelFacts:
     largest_trainable: int  # parameters of the largest trainable tensor
     blocks: int
     heads: int
+    stored: int = 0  # parameters model.storage_dtype stores low (frozen block linears, fastpost.storage)
+    block_stored: int = 0  # of the largest block
+    largest_stored: int = 0  # the largest such layer (its upcast copy is live while it computes)
+    trainable_shapes: tuple = ()  # shapes of the trainable tensors (optimizer state, fastpost.optim.state_bytes)
 
 
 def model_facts(family, config: dict, lora) -> ModelFacts:
@@ -110,7 +122,13 @@ def _model_facts(family_name: str, config_json: str, lora_json: str) -> ModelFac
     sizes = [(sum(p.numel() for p in b.parameters()), sum(p.numel() for p in b.parameters() if p.requires_grad))
              for b in blocks]
     total = sum(p.numel() for p in model.parameters())
-    return ModelFacts(total=total, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    from fastpost.storage import stored_linears
+
+    stored = [[m.weight.numel() for m in stored_linears([b])] for b in blocks]
+    return ModelFacts(stored=sum(map(sum, stored)), block_stored=max(map(sum, stored)),
+                      largest_stored=max((n for b in stored for n in b), default=0),
+                      trainable_shapes=tuple(tuple(p.shape) for p in model.parameters() if p.requires_grad),
+                      total=total, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       block=max(s[0] for s in sizes), block_trainable=max(s[1] for s in sizes),
                       root=total - in_blocks, blocks=len(blocks), heads=int(config["num_attention_heads"]),
                       largest_trainable=max((p.numel() for p in model.parameters() if p.requires_grad), default=0))
@@ -324,15 +342,42 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     shard, sp, dp_shard = _layout(cfg, world)
     config = model_config(family, cfg)
     facts = model_facts(family, config, cfg.lora)
+    from fastpost.optim import state_bytes
+
     store, compute, reduce = (_BYTES[cfg.model.dtype], _BYTES[cfg.fsdp.param_dtype], _BYTES[cfg.fsdp.reduce_dtype])
-    fsdp_on = shard > 1 or cfg.fsdp.param_dtype != "float32" or cfg.fsdp.reduce_dtype != "float32" \
-        or cfg.fsdp.cpu_offload
+    storage, offload, optim = cfg.model.storage_dtype, cfg.offload, cfg.optim.name
+    if offload.any and world > 1:  # the builder's rules, so a plan never describes a job that cannot build
+        raise ValueError(f"offload.blocks / offload.activations are for one GPU ({world} here); with several GPUs "
+                         f"use fsdp.cpu_offload")
+    if offload.activations and cfg.ac.mode != "full":
+        raise ValueError("offload.activations offloads the inputs of fully checkpointed blocks: set ac.mode: full")
+
+    low = _STORAGE_BYTES[storage] if storage else store
+    frozen_bytes = compute if storage else store  # storage_dtype keeps the rest of the frozen model in compute
+    # storage_dtype: FSDP keeps the stored dtypes and casts nothing, so one rank needs no FSDP at all
+    fsdp_on = (shard > 1 or cfg.fsdp.param_dtype != "float32" or cfg.fsdp.reduce_dtype != "float32"
+               or cfg.fsdp.cpu_offload) and not (storage and shard == 1 and not cfg.fsdp.cpu_offload)
+    if offload.blocks and fsdp_on:
+        raise ValueError("offload.blocks runs without FSDP, but FSDP would be applied for mixed precision: set "
+                         "model.storage_dtype (per-layer casting) or fsdp.param_dtype: float32")
     on_gpu = 0.0 if cfg.fsdp.cpu_offload else 1.0
     parts: list[tuple[str, float]] = []
-    parts.append((f"weights ({facts.total / 1e9:.2f}B params, {cfg.model.dtype}, /{shard})",
-                  on_gpu * facts.total * store / shard))
-    parts.append((f"AdamW moments ({facts.trainable / 1e6:.1f}M trainable, x2)",
-                  on_gpu * facts.trainable * 2 * store / shard))
+    weights = (facts.stored * low + (facts.total - facts.trainable - facts.stored) * frozen_bytes
+               + facts.trainable * store)
+    what = f"{storage} frozen block linears + " if storage else ""
+    L = facts.blocks
+    block_frozen = facts.block_stored * low + (facts.block - facts.block_trainable - facts.block_stored) * frozen_bytes
+    if offload.blocks and cfg.ac.mode != "none":  # the recompute streams blocks in again: 1 + prefetch resident
+        weights -= (L - 1 - offload.prefetch) * block_frozen
+        what += f"block offload ({1 + offload.prefetch} of {L} blocks' frozen weights resident) + "
+    parts.append((f"weights ({facts.total / 1e9:.2f}B params, {what}{cfg.model.dtype}, /{shard})",
+                  on_gpu * weights / shard))
+    on_gpu_state = 0.0 if optim == "adamw_offload" else on_gpu
+    parts.append((f"optimizer state ({optim}, {facts.trainable / 1e6:.1f}M trainable"
+                  f"{', on the host' if optim == 'adamw_offload' else ''})",
+                  on_gpu_state * state_bytes(optim, facts.trainable_shapes, store) / shard))
+    if storage:  # one stored layer upcast at a time (forward, and again for its input gradient)
+        parts.append((f"per-layer upcast of the {storage} weights (1 layer)", facts.largest_stored * compute))
     extra_copies = int(bool(cfg.ema_decay))
     lora = cfg.lora.enabled
     frozen_models = 0
@@ -351,8 +396,10 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
         parts.append((f"EMA copies of the trainables (x{extra_copies})",
                       on_gpu * extra_copies * facts.trainable * store / shard))
     if fsdp_on:
-        parts.append((f"FSDP gathered: root + 2 blocks ({cfg.fsdp.param_dtype}) + 1 block grads",
-                      facts.root * compute + 2 * facts.block * compute + facts.block_trainable * reduce))
+        gathered = (facts.block_stored * low + (facts.block - facts.block_stored) * compute if storage
+                    else facts.block * compute)  # storage_dtype: gathered as stored, upcast per layer
+        parts.append((f"FSDP gathered: root + 2 blocks ({storage or cfg.fsdp.param_dtype}) + 1 block grads",
+                      facts.root * compute + 2 * gathered + facts.block_trainable * reduce))
         if frozen_models:  # a frozen model runs its forward while the student's activations are held
             parts.append(("FSDP gathered for the frozen models' forward: root + 2 blocks",
                           facts.root * compute + 2 * facts.block * compute))
@@ -362,12 +409,13 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     tokens_video = video / sp
     act = activation_model(family, config, cfg.lora)
     block, outside, inputs = (x * batch * compute / 4 for x in act.at(tokens_video, text))
-    L = facts.blocks
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     attn_out = batch * (tokens_video + text) * inner * compute * (1 + (4 if sp > 1 else 0))
     mode = cfg.ac.mode
     if mode == "none":
         acts = L * block
+    elif mode == "full" and offload.activations:  # inputs on the host; the current + the prefetched on the GPU
+        acts = 2 * inputs + block
     elif mode == "full":
         acts = L * inputs + block
     elif mode == "selective":
@@ -380,8 +428,13 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     grads = on_gpu * facts.trainable * store / shard
     block_grads = facts.block_trainable * store / shard
     act_end = acts + outside + block_grads
-    opt_end = grads + (grads if device == "cuda" else 2 * on_gpu * facts.largest_trainable * store / shard)
-    parts.append((f"max(activations {act_end / GIB:.2f}, grads + AdamW step {opt_end / GIB:.2f}) GiB: "
+    largest = on_gpu * facts.largest_trainable * store / shard
+    if optim == "adamw":  # foreach kernels: one copy of everything; torch's CPU loop: two of the largest tensor
+        temporaries = grads if device == "cuda" else 2 * largest
+    else:  # per-tensor steps: fp32 moments dequantised + update (8-bit), flattened copies (prodigy), host copy
+        temporaries = {"adamw8bit": 6 * 4 / store, "prodigy": 3, "adamw_offload": 1}[optim] * largest
+    opt_end = grads + temporaries
+    parts.append((f"max(activations {act_end / GIB:.2f}, grads + {optim} step {opt_end / GIB:.2f}) GiB: "
                   f"AC {cfg.ac.mode}, {L} blocks, {batch}x({tokens_video:.0f} video/GPU + {text} text) tokens", max(act_end, opt_end)))
     budget = parse_bytes(cfg.plan.gpu_memory)
     layout = (f"{world} GPUs = dp_replicate {cfg.parallel.dp_replicate} x dp_shard {dp_shard} x sp {sp}; "
@@ -392,7 +445,8 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
 
 def suggest(cfg) -> tuple[str, Plan] | None:
     """The cheapest change that fits: activation checkpointing first (compute only), then a larger Ulysses degree
-    (more communication), then CPU offload (slowest). None when nothing tried fits."""
+    (more communication), then (a LoRA on one GPU) fp8 storage, 8-bit AdamW and one-GPU offload, then CPU offload
+    (slowest). None when nothing tried fits."""
     from copy import deepcopy
 
     world = cfg.plan.gpus
@@ -402,7 +456,12 @@ def suggest(cfg) -> tuple[str, Plan] | None:
         for sp in sps:
             for mode in AC_ORDER:
                 tries.append((offload, sp, mode))
-    for offload, sp, mode in tries:
+    one_gpu = world == 1 and cfg.lora.enabled
+    for i, (offload, sp, mode) in enumerate(tries):
+        if one_gpu and i == len(tries) // 2:  # one LoRA GPU: the issue-22 options before FSDP's CPU offload
+            found = _suggest_one_gpu(cfg)
+            if found is not None:
+                return found
         c = deepcopy(cfg)
         c.parallel = replace(c.parallel, ulysses=sp, ring=1, dp_shard=-1)
         c.ac = replace(c.ac, mode=mode)
@@ -410,6 +469,26 @@ def suggest(cfg) -> tuple[str, Plan] | None:
         p = plan_job(c)
         if p.fits:
             change = f"parallel.ulysses={sp} ac.mode={mode}" + (" fsdp.cpu_offload=true" if offload else "")
+            return change, p
+    return None
+
+
+def _suggest_one_gpu(cfg) -> tuple[str, Plan] | None:
+    """fp8 base + 8-bit moments, then AC full, then the block inputs and then the blocks on the host (fastest
+    first: FSDP's CPU offload, tried after these, moves every weight and the optimizer step to the host)."""
+    from copy import deepcopy
+
+    for mode, acts, blocks in (("selective", False, False), ("full", False, False), ("full", True, False),
+                               ("full", True, True)):
+        c = deepcopy(cfg)
+        c.model = replace(c.model, storage_dtype="float8_e4m3fn")
+        c.optim = replace(c.optim, name="adamw8bit")
+        c.ac = replace(c.ac, mode=mode)
+        c.offload = replace(c.offload, activations=acts, blocks=blocks)
+        p = plan_job(c)
+        if p.fits:
+            change = f"model.storage_dtype=float8_e4m3fn optim.name=adamw8bit ac.mode={mode}"
+            change += (" offload.activations=true" if acts else "") + (" offload.blocks=true" if blocks else "")
             return change, p
     return None
 

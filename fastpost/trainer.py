@@ -6,7 +6,8 @@ Build order (each step needs the ones before it):
      model's config before any weight is read
   3. recipe: declares its models; each is made by the one model builder (meta init -> LoRA -> SP -> AC ->
      FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
-  4. one optimizer + LR schedule per trainable module (the recipe may override optim keys per module)
+  4. one optimizer (optim.name, fastpost/optim.py) + LR schedule per trainable module (the recipe may override
+     optim keys per module)
   5. EMA of the exported model's trainable weights
   6. checkpoint manager; resume restores 2-6 exactly, also at another world size or layout
 The step: for each phase the recipe names, grad_accum micro-batches of loss + backward, then per optimizer
@@ -34,10 +35,12 @@ from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
+from fastpost.distributed.offload import OffloadConfig
 from fastpost.export import COMFY_LORA_FILE, export_lora, save_comfy_lora, save_transformer
 from fastpost.lora import LoRAConfig
 from fastpost.metrics import MetricsLogger, clip_grad_norm, peak_memory_mib
 from fastpost.models import get_family
+from fastpost.optim import build_optimizer
 from fastpost.plan import PlanConfig
 from fastpost.recipes import RecipeContext, get_recipe
 
@@ -66,16 +69,22 @@ class ModelConfig:
     # two-expert pipelines (Wan 2.2 A14B): the expert this job trains, high_noise (transformer/) or low_noise
     # (transformer_2/); training times are drawn only from its noise levels
     expert: Literal["high_noise", "low_noise"] | None = None
+    # LoRA: the frozen block linears stored in float8_e4m3fn / float8_e5m2 / bfloat16, upcast per layer to
+    # fsdp.param_dtype (fastpost/storage.py); None: stored in dtype
+    storage_dtype: Literal["float8_e4m3fn", "float8_e5m2", "bfloat16"] | None = None
 
     def spec(self, lora: LoRAConfig | None = None) -> ModelSpec:
         spec = ModelSpec(pretrained=self.pretrained, flavor=self.flavor, init_seed=self.init_seed, dtype=self.dtype,
                          variant=self.variant, lora=lora if lora is not None and lora.enabled else None,
-                         allow_pickle=self.allow_pickle)
+                         allow_pickle=self.allow_pickle, storage_dtype=self.storage_dtype)
         return expert_spec(spec, self.expert)
 
 
 @dataclass
 class OptimConfig:
+    # adamw | adamw8bit (8-bit moments) | prodigy (lr-free: set lr 1.0) | adamw_offload (moments on the host);
+    # fastpost/optim.py
+    name: Literal["adamw", "adamw8bit", "prodigy", "adamw_offload"] = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -103,6 +112,9 @@ class TrainConfig:
     seed: int = 0  # noise / timestep sampling
     ema_decay: float | None = None  # EMA of trainable weights; exported to <out>/{lora,transformer}_ema when set
     max_bad_steps: int = 5  # consecutive non-finite losses tolerated (skipped) before aborting
+    # the LoRA's identifier token the shards' captions were prepended with (preprocess `id_token`; checked against
+    # their manifest); validation / sample prompts of this LoRA get it too: fastpost.data.text.with_id_token
+    id_token: str | None = None
     recipe: str = "finetune"
     recipe_args: dict = field(default_factory=dict)  # the recipe's own Config, checked strictly
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -110,6 +122,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ac: ACConfig = field(default_factory=ACConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)  # one GPU: block weights / block inputs on host
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(path=""))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -164,6 +177,19 @@ class EMA:
                     p.copy_(backup[n])
 
 
+def check_id_token(data_path: str, id_token: str | None) -> None:
+    """The job's id_token must be the one the shards' captions were preprocessed with (when they record one)."""
+    from fastpost.data import shards
+
+    if not data_path or not (Path(data_path) / shards.MANIFEST).is_file():
+        return  # the loader reports a missing folder
+    made = shards.read_manifest(data_path)[0].get("config")
+    if isinstance(made, dict) and made.get("id_token") != id_token:
+        raise ValueError(f"the shards in {data_path} were preprocessed with id_token {made.get('id_token')!r} but "
+                         f"this job sets id_token {id_token!r}: set the preprocessing job's id_token here "
+                         f"(validation prompts get it too)")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -177,6 +203,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+        check_id_token(cfg.data.path, cfg.id_token)  # before the guard takes the output dir and signals
         self.guard = JobGuard(cfg.cluster, self.out, self.rank, self.device)  # output lock, die with launcher, signals
         self.family = get_family(cfg.model.family)
         # 2. data, checked against the model's config before any weight is read: a mismatch (family, VAE,
@@ -203,8 +230,7 @@ class Trainer:
             self.params[name] = list(t.parameters().values())
             if not self.params[name]:
                 raise ValueError(f"recipe {cfg.recipe!r}: trainable {name!r} has no parameter that requires grad")
-            self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=o.lr, betas=o.betas, eps=o.eps,
-                                                      weight_decay=o.weight_decay)
+            self.optimizers[name] = build_optimizer(self.params[name], o)
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(o, cfg.steps))
             self._clip[name] = o.grad_clip
         # 5. EMA
@@ -222,7 +248,8 @@ class Trainer:
     def _build(self, spec: ModelSpec):
         cfg = self.cfg
         model, _ = build_model(self.family, spec, self.dims, ac=cfg.ac, fsdp=cfg.fsdp,
-                               attention_backend=cfg.model.attention_backend, device=self.device)
+                               attention_backend=cfg.model.attention_backend, device=self.device,
+                               offload=cfg.offload)
         return model
 
     def _build_module(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -21,12 +21,15 @@ from fastpost.trainer import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FILES = sorted(CONFIGS.rglob("*.yaml"))
 TRAIN_JOBS = [f for f in FILES if "plan" in load_yaml(f)]  # the real jobs state their hardware in plan:
+# one consumer GPU (issue 22): the header states the planner's peak, the card and an estimated step time
+ONE_GPU = {"cogvideox/2b_lora_8gb.yaml", "cogvideox/2b_lora_16gb.yaml", "cogvideox/2b_lora_24gb.yaml",
+           "cogvideox/5b_lora_16gb.yaml", "cogvideox/5b_lora_24gb.yaml", "wan/t2v_14b_lora_24gb.yaml"}
 EXPECTED = {"cogvideox/lora_2b.yaml", "cogvideox/lora_5b.yaml", "cogvideox/full_5b.yaml",
             "cogvideox/distill_5b.yaml", "cogvideox/lora_1.5_5b.yaml", "mochi/lora.yaml", "mochi/distill.yaml",
             "cogvideox/i2v_5b_lora.yaml", "wan/t2v_1.3b_lora.yaml", "wan/t2v_14b_lora_8gpu.yaml",
             "wan/i2v_14b_lora.yaml",
             "pyramid_flux/lora_384p_8gpu.yaml", "pyramid_flux/lora_384p_2gpu.yaml",
-            "pyramid_flux/lora_768p_8gpu.yaml", "pyramid_flux/lora_768p_2gpu.yaml"}
+            "pyramid_flux/lora_768p_8gpu.yaml", "pyramid_flux/lora_768p_2gpu.yaml", *ONE_GPU}
 
 
 def _name(path: Path) -> str:
@@ -101,3 +104,21 @@ def test_real_job_builds_at_real_size_and_fits_its_gpu(path):
         assert [cfg.plan.height, cfg.plan.width] in [list(r) for r in pre.resolutions], name
         assert pre.max_frames == cfg.plan.frames, name
         assert pre.vae == cfg.model.pretrained and pre.text_encoder == cfg.model.pretrained, name
+
+
+@pytest.mark.parametrize("name", sorted(ONE_GPU))
+def test_one_gpu_job_header_states_the_planned_peak_card_and_step_time(name):
+    import re
+
+    from fastpost.plan import GIB, parse_bytes, plan_job
+
+    path = CONFIGS / name
+    cfg = from_dict(TrainConfig, load_yaml(path))
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    plan = plan_job(cfg)
+    stated = re.search(r"predicts an? ([0-9.]+) GiB peak \(of ([0-9.]+) GiB\)", header)
+    assert stated, f"{name}: the header must quote `fastpost plan`'s peak and the budget"
+    assert float(stated.group(1)) == round(plan.total / GIB, 1), (stated.group(1), plan.total / GIB)
+    assert abs(float(stated.group(2)) - parse_bytes(cfg.plan.gpu_memory) / GIB) <= 0.051
+    assert cfg.plan.gpus == 1 and re.search(r"step time ~\d+ s", header) and "ESTIMATE" in header
+    assert plan.fits

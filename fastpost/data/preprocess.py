@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fastpost.components import denormalize_latents, latent_norm, load_vae, normalize_latents
 from fastpost.config import ConfigError, apply_overrides, from_dict, load_yaml
 from fastpost.data import readers, shards
-from fastpost.data.text import TextEncoder
+from fastpost.data.text import TextEncoder, with_id_token
 from fastpost.distributed.fsdp import DTYPES
 
 log = logging.getLogger("fastpost.data.preprocess")
@@ -85,6 +85,9 @@ class PreprocessConfig:
     image_encoder: str | None = None
     allow_pickle: bool = False  # accept pickled .bin weights for the VAE / text encoder (they can run code)
     limit: int | None = None  # only the first N input rows (smoke runs)
+    # a LoRA's identifier token, prepended to every caption (fastpost.data.text.with_id_token, as diffusers'
+    # CogVideoX LoRA script's --id_token); recorded in the manifest, where the train job's `id_token` must match it
+    id_token: str | None = None
 
     def __post_init__(self) -> None:
         if not self.resolutions:
@@ -384,7 +387,7 @@ def _header(cfg: PreprocessConfig, family: Any, vae: Any, text: TextEncoder, len
 
 
 _MUST_MATCH = ("resolutions", "max_frames", "frame_stride", "max_text_length", "samples_per_shard", "dtype",
-               "target_fps")
+               "target_fps", "id_token")
 
 
 def _check_resume(root: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -485,7 +488,8 @@ def preprocess(cfg: PreprocessConfig, family: Any) -> dict[str, Any]:
                 failed.append({"source": src, "error": item["error"]})
                 continue
             latents = pad_latent_frames(encode_video(vae, item["pixels"]), patch_t).to(dtype)
-            samples.append({"latents": latents, "caption": row["caption"], "source": src, "bucket": item["bucket"]})
+            caption = with_id_token(row["caption"], cfg.id_token)
+            samples.append({"latents": latents, "caption": caption, "source": src, "bucket": item["bucket"]})
             if image is not None:
                 cond = encode_image_condition(vae, image, item["pixels"], src, embedder)
                 samples[-1].update({k: v.to(dtype) for k, v in cond.items()})

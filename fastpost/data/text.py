@@ -16,6 +16,13 @@ import torch
 from fastpost.components import TextSpec
 
 
+def with_id_token(prompt: str, id_token: str | None) -> str:
+    """`prompt` with the LoRA's identifier token in front, joined as diffusers' CogVideoX LoRA script joins them
+    (`id_token + prompt`: put the separator in the token, e.g. "BW_STYLE, "). Preprocessing applies it to every
+    caption; validation and sampling prompts of that LoRA need it as well (the train job's `id_token`)."""
+    return f"{id_token}{prompt}" if id_token else prompt
+
+
 def text_spec(family_or_spec: Any) -> TextSpec | None:
     """A TextSpec from a TextSpec, a model family (its `.text`) or None. Family *names* are not looked up here
     (data does not import the model registry): pass fastpost.models.get_family(name)."""

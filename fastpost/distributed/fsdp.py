@@ -39,7 +39,9 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], dims: ParallelDims
     mesh = dims.submesh("fsdp_hsdp") if dims.hsdp_enabled else dims.submesh("fsdp")
     if mesh is None:
         return model
-    if mesh.size() == 1 and cfg.param_dtype == cfg.reduce_dtype == "float32" and not cfg.cpu_offload:
+    # model.storage_dtype (fastpost.storage) casts layer by layer itself: FSDP then keeps every parameter as stored
+    stored = getattr(model, "_fastpost_storage_dtype", None) is not None
+    if mesh.size() == 1 and (stored or cfg.param_dtype == cfg.reduce_dtype == "float32") and not cfg.cpu_offload:
         # One rank and nothing to cast or offload: FSDP would only add copies and hooks (measured: a 1-rank FSDP2
         # step 0.87x the plain loop on CPU). bf16 at world 1 keeps FSDP: it is the mixed-precision mechanism.
         # Either way the model ends up on the mesh's device (fully_shard moves the shards there itself); a model
@@ -49,8 +51,8 @@ def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], dims: ParallelDims
         return model.to(mesh.device_type)
     # cast_forward_inputs=False: FSDP would cast *every* float input to param_dtype, timesteps included (bf16 turns
     # 999 into 1000; measured 6-21% output change on Mochi). Models cast latents/embeddings via compute_dtype().
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype],
-                                  cast_forward_inputs=False)
+    policy = MixedPrecisionPolicy(param_dtype=None if stored else DTYPES[cfg.param_dtype],
+                                  reduce_dtype=DTYPES[cfg.reduce_dtype], cast_forward_inputs=False)
     model._fastpost_compute_dtype = DTYPES[cfg.param_dtype]
     kwargs = dict(
         mesh=mesh,
