@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import math as _math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -62,12 +61,28 @@ def register_backend(backend: AttentionBackend, auto_priority: int | None = None
         _AUTO_ORDER.insert(auto_priority, backend.name)
 
 
-@lru_cache(maxsize=None)
+_IMPORTED: dict = {}
+
+
 def _optional_import(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception:  # ImportError, or a broken CUDA build raising OSError at import
-        return None
+    # a plain dict, not lru_cache: the backend choice runs inside torch.compile'd blocks, and dynamo traces a dict
+    # lookup as a constant but breaks the graph on importlib
+    if module not in _IMPORTED:
+        try:
+            _IMPORTED[module] = importlib.import_module(module)
+        except Exception:  # ImportError, or a broken CUDA build raising OSError at import
+            _IMPORTED[module] = None
+    return _IMPORTED[module]
+
+
+@torch._dynamo.assume_constant_result
+def _has_module(module: str) -> bool:
+    return _optional_import(module) is not None
+
+
+@torch._dynamo.assume_constant_result
+def _sm_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -98,7 +113,7 @@ def _flash_check(q, k, v, mask, *, head_dim_multiple: int, need_sm90: bool) -> s
     head_dim = q.shape[-1]
     if head_dim > 256 or head_dim % head_dim_multiple != 0:
         return f"flash-attn needs head_dim <= 256 and a multiple of {head_dim_multiple}, got {head_dim}"
-    if need_sm90 and torch.cuda.get_device_capability(q.device)[0] != 9:
+    if need_sm90 and _sm_major(q.device.index or 0) != 9:
         return "flash-attn 3 needs a Hopper (sm90) GPU"
     return None
 
@@ -162,7 +177,7 @@ def _no_check(q, k, v, mask) -> str | None:
 
 register_backend(
     AttentionBackend(
-        "flash_attn_3", _fa3_kernel, lambda: _optional_import("flash_attn_interface") is not None,
+        "flash_attn_3", _fa3_kernel, lambda: _has_module("flash_attn_interface"),
         lambda q, k, v, m: _flash_check(q, k, v, m, head_dim_multiple=8, need_sm90=True),
         varlen=_fa3_varlen,
         # FA3 releases register their kernels as torch ops under one of these names (older ones call the C
@@ -174,7 +189,7 @@ register_backend(
 )
 register_backend(
     AttentionBackend(
-        "flash_attn_2", _fa2_kernel, lambda: _optional_import("flash_attn") is not None,
+        "flash_attn_2", _fa2_kernel, lambda: _has_module("flash_attn"),
         lambda q, k, v, m: _flash_check(q, k, v, m, head_dim_multiple=8, need_sm90=False),
         varlen=_fa2_varlen,
         saved_ops=("flash_attn._flash_attn_forward.default", "flash_attn._flash_attn_varlen_forward.default"),

@@ -33,6 +33,7 @@ from fastpost.data.checks import check_shards_for_model, pretrained_vae_config
 from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
+from fastpost.distributed.compile import CompileConfig
 from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
 from fastpost.export import COMFY_LORA_FILE, export_lora, save_comfy_lora, save_transformer
 from fastpost.lora import LoRAConfig
@@ -106,6 +107,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ac: ACConfig = field(default_factory=ACConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)  # regional torch.compile of the blocks
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(path=""))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -217,7 +219,8 @@ class Trainer:
     def _build(self, spec: ModelSpec):
         cfg = self.cfg
         model, _ = build_model(self.family, spec, self.dims, ac=cfg.ac, fsdp=cfg.fsdp,
-                               attention_backend=cfg.model.attention_backend, device=self.device)
+                               attention_backend=cfg.model.attention_backend, device=self.device,
+                               compile=cfg.compile)
         return model
 
     def _build_module(self, module: torch.nn.Module) -> torch.nn.Module:
