@@ -14,21 +14,23 @@ import yaml
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm of the gradients (all shards, all ranks), clipped to max_norm if max_norm > 0.
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (all shards, all ranks), clipped to max_norm if max_norm > 0. Returned as
+    a device tensor: reading it is a host sync, which the trainer does only on logging steps.
 
     Under FSDP the gradients are DTensor shards: the norm of the local shards is reduced over the mesh by
     `full_tensor()`, so every rank clips with the same global norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        p = params[0].to_local() if isinstance(params[0], DTensor) else params[0]
+        return torch.zeros((), device=p.device)
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total.item()
+    return total
 
 
 def peak_memory_mib() -> float:

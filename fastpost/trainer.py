@@ -143,9 +143,14 @@ class EMA:
         self.shadow = {n: p.detach().clone() for n, p in params.items()}
 
     @torch.no_grad()
-    def update(self) -> None:
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+    def update(self, weight: torch.Tensor | float = 1.0) -> None:
+        """shadow += (1 - decay) * weight * (p - shadow); weight 0 (a skipped step) leaves it, on the device."""
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        w = (1 - self.decay) * weight
+        with implicit_replication():  # a plain 0-dim weight next to DTensor shards
+            for n, p in self.params.items():
+                self.shadow[n].lerp_(p.detach(), w)
 
     @contextlib.contextmanager
     def swapped(self):
@@ -200,8 +205,9 @@ class Trainer:
             self.params[name] = list(t.parameters().values())
             if not self.params[name]:
                 raise ValueError(f"recipe {cfg.recipe!r}: trainable {name!r} has no parameter that requires grad")
+            # fused: one kernel per step, and it skips a non-finite update on the device (found_inf)
             self.optimizers[name] = torch.optim.AdamW(self.params[name], lr=o.lr, betas=o.betas, eps=o.eps,
-                                                      weight_decay=o.weight_decay)
+                                                      weight_decay=o.weight_decay, fused=True)
             self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(self.optimizers[name], lr_lambda(o, cfg.steps))
             self._clip[name] = o.grad_clip
         # 5. EMA
@@ -215,6 +221,7 @@ class Trainer:
         if resume is not None:
             self._load(resume)
         self.metrics = MetricsLogger(self.out, cfg.logging, self.rank, to_dict(cfg))
+        self.validator = None
 
     def _build(self, spec: ModelSpec):
         cfg = self.cfg
@@ -252,102 +259,142 @@ class Trainer:
             print(f"[fastpost] resumed from {path} at step {self.step}", flush=True)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # nccl reduces device tensors only
+    # No host-device sync between logging steps: losses, norms and the non-finite flag stay device tensors; the
+    # update of a non-finite step is skipped on the device (fused AdamW's found_inf: weights, moments and its step
+    # count untouched; the EMA's weight is zeroed), and the host reads all of it once per logging step (`_flush`),
+    # where it counts consecutive skipped steps and aborts past max_bad_steps. A skipped step still advances the LR
+    # schedule and the recipe's after-step hook (as with torch.amp's GradScaler).
+    def _any_rank_nonfinite(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """1.0 on every rank if any value on any rank is NaN/inf, else 0.0 (a device tensor; no host sync)."""
+        bad = torch.stack([(~torch.isfinite(v.detach().float())).any() for v in values]).any().float()
         if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # nccl reduces device tensors only
+        return bad
 
-    def _mean_over_dp(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+    def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        t = value.detach().to(torch.float64).reshape(1).clone()
         if dist.is_initialized():
             dist.all_reduce(t)  # every SP peer holds the same value, so the world mean is the dp mean
             t /= dist.get_world_size()
-        return t.item()
+        return t[0]
 
-    def _update(self, phase: str, batches) -> dict[str, float] | None:
-        """One update of the phase's optimizers over grad_accum micro-batches; None if it was non-finite."""
+    def _update(self, phase: str, batches) -> tuple[dict[str, Any], torch.Tensor]:
+        """One update of the phase's optimizers over grad_accum micro-batches: (metrics, non-finite flag)."""
         cfg, dims = self.cfg, self.dims
         for optimizer in self.optimizers.values():  # a phase's loss may reach other modules' parameters
             optimizer.zero_grad(set_to_none=True)
-        total, samples, tokens, extra = 0.0, 0, 0, {}
+        total, samples, tokens, extra = None, 0, 0, {}
         for micro in range(cfg.grad_accum):
+            batch = next(batches)  # already on the device when the loader prefetches (non_blocking otherwise)
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in next(batches).items()}
+                     for k, v in batch.items()}
             index = self.batches_seen + micro * dims.dp + dims.dp_rank  # this micro-batch's global index
             loss, extra = self.recipe.loss(batch, batch_generator(cfg.seed, index), phase)
             (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            part = loss.detach().float() / cfg.grad_accum
+            total = part if total is None else total + part
             samples += batch["latents"].shape[0]
             tokens += batch["latents"].shape[0] * self.family.video_tokens(self.model, batch["latents"].shape)
         self.batches_seen += cfg.grad_accum * dims.dp
         names = self.recipe.phase_trainables(phase)
         norms = {n: clip_grad_norm(self.params[n], self._clip[n]) for n in names}
-        if self._any_rank(not (math.isfinite(total) and all(map(math.isfinite, norms.values())))):
-            for optimizer in self.optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            return None
+        bad = self._any_rank_nonfinite([total, *norms.values()])
         for n in names:
+            self.optimizers[n].found_inf = bad  # fused AdamW skips the whole update where this is 1
             self.optimizers[n].step()
             self.optimizers[n].zero_grad(set_to_none=True)
         self.recipe.after_optimizer_step(phase, self.step)
         key = "" if phase == "train" else f"_{phase}"
-        out = {f"loss{key}": self._mean_over_dp(total), "samples": samples * dims.dp, "tokens": tokens * dims.dp}
+        out: dict[str, Any] = {f"loss{key}": self._mean_over_dp(total), "samples": samples * dims.dp,
+                               "tokens": tokens * dims.dp}
         for n, norm in norms.items():
             out["grad_norm" if n == "model" else f"grad_norm_{n}"] = norm
         for k, v in extra.items():
-            out[f"{k}{key}"] = float(v.float().mean()) if isinstance(v, torch.Tensor) else float(v)
-        return out
+            out[f"{k}{key}"] = v.detach().float().mean() if isinstance(v, torch.Tensor) else float(v)
+        return out, bad
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One training step: every phase the recipe names, then the LR schedules and the EMA."""
-        metrics: dict[str, float] = {}
+    def train_step(self, batches) -> dict[str, Any]:
+        """One training step: every phase the recipe names, then the LR schedules and the EMA. Values may be
+        device tensors (read at the next flush); "skipped" is 1 where a non-finite value skipped an update."""
+        metrics: dict[str, Any] = {}
         lrs = {n: s.get_last_lr()[0] for n, s in self.schedulers.items()}
+        flags = []
         for phase in self.recipe.phases(self.step):
-            out = self._update(phase, batches)
-            if out is None:
-                self.bad_steps += 1
-                if self.bad_steps > self.cfg.max_bad_steps:
-                    raise JobStop(EXIT_DIVERGED,
-                                  f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (phase "
-                                  f"{phase!r}); lower optim.lr, check the data, or raise max_bad_steps", "diverged")
-                return {"skipped": 1.0, "bad_steps": float(self.bad_steps)}
+            out, bad = self._update(phase, batches)
+            flags.append(bad)
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0) + v if k in ("samples", "tokens") else v
-        self.bad_steps = 0
+        skipped = torch.stack(flags).max()
         for scheduler in self.schedulers.values():
             scheduler.step()
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(weight=1 - skipped)
         metrics.update({"lr" if n == "model" else f"lr_{n}": lr for n, lr in lrs.items()})
+        metrics["skipped"] = skipped
         return metrics
+
+    def _flush(self) -> None:
+        """The one host sync: read every pending step's device values at once, track the run of non-finite
+        steps (abort past max_bad_steps, on every rank alike: the flags are all-reduced), log the records."""
+        pending, self._pending = self._pending, []
+        keys = [(i, k) for i, (_, m) in enumerate(pending) for k, v in m.items() if isinstance(v, torch.Tensor)]
+        if keys:
+            values = torch.stack([pending[i][1][k].to(torch.float64).reshape(()) for i, k in keys]).tolist()
+            for (i, k), v in zip(keys, values):
+                pending[i][1][k] = v
+        for step, m in pending:
+            if m["skipped"]:
+                self.bad_steps += 1
+                m = {"skipped": 1.0, "bad_steps": float(self.bad_steps), "lr": m.get("lr", 0.0),
+                     **{k: m[k] for k in ("step_time_s", "peak_mem_mib") if k in m}}
+            else:
+                self.bad_steps = 0
+                m.pop("skipped")
+            self.metrics.log(step, m)
+            if self.bad_steps > self.cfg.max_bad_steps:
+                self.metrics.close()
+                raise JobStop(EXIT_DIVERGED,
+                              f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (up to step "
+                              f"{step}); lower optim.lr, check the data, or raise max_bad_steps", "diverged")
+            if "loss" in m:
+                self._losses.append(m["loss"])
 
     def fit(self) -> list[float]:
         cfg = self.cfg
         batches = self.loader.forever()
-        losses = []
+        self._losses: list[float] = []
+        self._pending: list[tuple[int, dict[str, Any]]] = []
         t_last = time.perf_counter()
+        if self.validator is not None and self.step == 0:
+            self.validator.run(self.step)  # the base model, for comparison
+            t_last = time.perf_counter()
         while self.step < cfg.steps:
             # collective: a stop signal on any rank, or a bad shard among the next step's samples on any rank
             if self.guard.should_stop(lambda: self.loader.check_next(cfg.grad_accum)):
+                self._flush()
                 path = self.save()
                 self.metrics.close()
                 raise self.guard.preempted(self.step, path)
             metrics = self.train_step(batches)
             self.step += 1
-            if "loss" in metrics:
-                losses.append(metrics["loss"])
             now = time.perf_counter()
             metrics.update(step_time_s=now - t_last, peak_mem_mib=peak_memory_mib())
             t_last = now
-            self.metrics.log(self.step, metrics)
-            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.steps
-                    and self.bad_steps == 0):  # saving mid-streak could rotate the last good checkpoint out
+            self._pending.append((self.step, metrics))
+            saving = bool(cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+                          and self.step < cfg.steps)
+            if saving or self.step % cfg.logging.every_steps == 0 or self.step == cfg.steps:
+                self._flush()
+            if saving and self.bad_steps == 0:  # saving mid-streak could rotate the last good checkpoint out
                 self.save()
+            if self.validator is not None and self.validator.due(self.step):
+                self.validator.run(self.step)
+                t_last = time.perf_counter()  # the next step's time is its own, not the validation's
+        self._flush()
         self.save()
         self.export()
         self.metrics.close()
-        return losses
+        return self._losses
 
     # ---- export -------------------------------------------------------------------------------------------------
     def export(self) -> Path:
