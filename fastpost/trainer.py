@@ -5,10 +5,11 @@ Build order (each step needs the ones before it):
   2. loader over latent shards (dp rank decides the samples; SP peers get the same ones), checked against the
      model's config before any weight is read
   3. recipe: declares its models; each is made by the one model builder (meta init -> LoRA -> SP -> AC ->
-     FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
+     compile -> FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
   4. one optimizer + LR schedule per trainable module (the recipe may override optim keys per module)
   5. EMA of the exported model's trainable weights
   6. checkpoint manager; resume restores 2-6 exactly, also at another world size or layout
+  7. validation (optional): fastpost.sampling's sampler over the trained model itself, at step 0 and every N
 The step: for each phase the recipe names, grad_accum micro-batches of loss + backward, then per optimizer
 clip, a collective non-finite check (skip the update everywhere), step. Noise is keyed by the global batch index.
 """
@@ -41,6 +42,7 @@ from fastpost.metrics import MetricsLogger, clip_grad_norm, peak_memory_mib
 from fastpost.models import get_family
 from fastpost.plan import PlanConfig
 from fastpost.recipes import RecipeContext, get_recipe
+from fastpost.validation import ValidationConfig, Validator
 
 
 @dataclass
@@ -114,6 +116,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)  # `fastpost plan`: target GPUs and clip size
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # sample videos during training
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -221,7 +224,13 @@ class Trainer:
         if resume is not None:
             self._load(resume)
         self.metrics = MetricsLogger(self.out, cfg.logging, self.rank, to_dict(cfg))
+        # 7. validation videos: the sampler over this very (sharded) model; VAE / text encoder only when used
         self.validator = None
+        if cfg.validation.every_steps:
+            self.validator = Validator(cfg.validation, family=self.family, model=self.model, out_dir=self.out,
+                                       rank=self.rank, device=self.device, pretrained=cfg.model.pretrained,
+                                       flavor=cfg.model.flavor, allow_pickle=cfg.model.allow_pickle,
+                                       metrics=self.metrics, ema=self.ema)
 
     def _build(self, spec: ModelSpec):
         cfg = self.cfg
