@@ -126,7 +126,7 @@ def make_inputs(cfg: dict, shape: dict, device, seed: int = 0):
     return [v.to(device) for v in (x, 1000.0 * sigma, embeds, mask, target)]
 
 
-def variants(gpu: bool, compile_backend: str | None = "inductor") -> list[dict]:
+def variants(gpu: bool, compile_backend: str | None = "inductor", tiny: bool = False) -> list[dict]:
     fsdp1 = gpu  # GPU: fastpost's bf16 comes from FSDP mixed precision, so every fastpost row takes that path
     rows = [dict(name="plain loop (diffusers + torch AdamW)", plain=True, gc=False, ac="none"),
             dict(name="plain loop + diffusers GC", plain=True, gc=True, ac="full")]
@@ -134,7 +134,8 @@ def variants(gpu: bool, compile_backend: str | None = "inductor") -> list[dict]:
     if compile_backend:  # regional compile (each block, after AC, before FSDP); its first step includes compiling
         rows += [dict(name=f"fastpost, AC {m} + compile" + ("" if compile_backend == "inductor"
                                                              else f" ({compile_backend})"),
-                      plain=False, ac=m, fsdp1=fsdp1, compile=compile_backend) for m in ("none", "selective")]
+                      plain=False, ac=m, fsdp1=fsdp1, compile=compile_backend)
+                 for m in (("none",) if tiny else ("none", "selective"))]
     if not gpu:
         rows.append(dict(name="fastpost, AC none, trainer path (1-rank group)", plain=False, ac="none", fsdp1=True))
     return rows
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         device, cfg, shape, warmup, iters = torch.device("cpu"), CPU_CONFIG, CPU_SHAPE, 2, 7
         if args.tiny:
-            cfg, shape, warmup, iters = TINY_CONFIG, TINY_SHAPE, 1, 2
+            cfg, shape, warmup, iters = TINY_CONFIG, TINY_SHAPE, 1, 1
     warmup = args.warmup if args.warmup is not None else warmup
     iters = args.iters if args.iters is not None else iters
 
@@ -307,12 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory estimate, no AC: {fmt_bytes(16 * n_params)} weights/grads/AdamW + {fmt_bytes(act)} activations")
     print(flops_table(cfg, shape))
 
-    need_group = any(v.get("fsdp1") for v in variants(gpu, compile_backend))
+    need_group = any(v.get("fsdp1") for v in variants(gpu, compile_backend, args.tiny))
     if need_group and not dist.is_initialized():
         init_distributed()  # world 1: gloo on CPU, nccl on GPU
     rows, plain_s = [], None
     try:
-        vs = variants(gpu, compile_backend)
+        vs = variants(gpu, compile_backend, args.tiny)
         results = ([run_variant(v, cfg, shape, device, warmup, iters) for v in vs] if gpu
                    else run_interleaved(vs, cfg, shape, device, warmup, iters))
         for v, r in zip(vs, results):
