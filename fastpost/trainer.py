@@ -354,17 +354,17 @@ class Trainer:
         for step, m in pending:
             if m["skipped"]:
                 self.bad_steps += 1
+                if self.bad_steps > self.cfg.max_bad_steps:  # this step stops the job: it is not logged
+                    self.metrics.close()
+                    raise JobStop(EXIT_DIVERGED,
+                                  f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (up to "
+                                  f"step {step}); lower optim.lr, check the data, or raise max_bad_steps", "diverged")
                 m = {"skipped": 1.0, "bad_steps": float(self.bad_steps), "lr": m.get("lr", 0.0),
                      **{k: m[k] for k in ("step_time_s", "peak_mem_mib") if k in m}}
             else:
                 self.bad_steps = 0
                 m.pop("skipped")
             self.metrics.log(step, m)
-            if self.bad_steps > self.cfg.max_bad_steps:
-                self.metrics.close()
-                raise JobStop(EXIT_DIVERGED,
-                              f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (up to step "
-                              f"{step}); lower optim.lr, check the data, or raise max_bad_steps", "diverged")
             if "loss" in m:
                 self._losses.append(m["loss"])
 
