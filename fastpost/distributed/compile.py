@@ -20,7 +20,7 @@ class CompileConfig:
     enabled: bool = False
     # torch.compile modes; "max-autotune-no-cudagraphs" and friends tune GPU kernels (much longer first step)
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    # inductor generates kernels; aot_eager only captures the graphs (dynamo + AOT autograd, no codegen): a quick
+    # inductor generates kernels; eager / aot_eager only capture the graphs (dynamo [+ AOT autograd], no codegen): a quick
     # check that a model compiles without graph breaks or numeric change (the CPU test uses it: inductor's C++
     # compile of one block takes 10-150 s on a loaded 2-core box, measured)
     backend: str = "inductor"
