@@ -23,7 +23,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "tensorboard>=2.14"],  # tensorboard: the validation test reads its event file
         # Needs CUDA to build; never installed on CPU machines. fastpost imports it optionally.
         "flash": ["flash-attn>=2.6"],
     },

@@ -29,7 +29,7 @@ from fastpost.distributed import init_distributed
 from fastpost.tiny import build_tiny_pipeline
 from fastpost.trainer import TrainConfig, Trainer
 
-LATENT = (12, 4, 16, 16)  # 4 x 8 x 8 = 256 video tokens per sample
+LATENT = (12, 4, 32, 32)  # 4 x 16 x 16 = 1,024 video tokens per sample: steps long enough to time
 
 
 def job(root: Path, out: Path, validation: bool, steps: int) -> dict:
