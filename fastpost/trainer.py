@@ -153,7 +153,8 @@ class EMA:
         w = (1 - self.decay) * weight
         with implicit_replication():  # a plain 0-dim weight next to DTensor shards
             for n, p in self.params.items():
-                self.shadow[n].lerp_(p.detach(), w)
+                shadow = self.shadow[n]
+                shadow.lerp_(p.detach(), w.to(shadow.dtype) if isinstance(w, torch.Tensor) else w)
 
     @contextlib.contextmanager
     def swapped(self):
