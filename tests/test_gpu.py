@@ -93,11 +93,17 @@ def test_world1_fsdp_bf16_matches_fp32(group):
     err = _rel(_fwd_bwd(fam, model, inputs), pred_ref)
     print(f"world-1 FSDP bf16: rel err {err:.2e}, one-process bf16 floor {floor:.2e}")
     assert err <= 1.5 * floor + 1e-4
-    grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-             for n, p in model.named_parameters() if p.grad is not None}
-    ref_grads = dict(ref.named_parameters())
-    worst = max(_rel(g, ref_grads[n].grad) for n, g in grads.items() if ref_grads[n].grad.norm() > 0)
-    assert worst < 0.1, worst
+    # gradients: per parameter, within 2x (+0.02) of what a plain bf16 model gets wrong against fp32
+    ref_p, floor_p = dict(ref.named_parameters()), dict(floor_model.named_parameters())
+    bad = {}
+    for n, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        if g is None or ref_p[n].grad.norm() == 0:
+            continue
+        e, f = _rel(g, ref_p[n].grad), _rel(floor_p[n].grad, ref_p[n].grad)
+        if e > 2 * f + 0.02:
+            bad[n] = (e, f)
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "key-padding"])
@@ -132,7 +138,7 @@ def test_every_sdpa_kernel_and_flash_attn_match_math(masked):
             out = A.attention(q, k, v, mask=mask, backend=name)
             rows[name] = _rel(out, ref)
             (dq,) = torch.autograd.grad(out.float().sum(), q)
-            (dq_ref,) = torch.autograd.grad(ref.sum(), q)
+            (dq_ref,) = torch.autograd.grad(ref.sum(), q, retain_graph=True)
             rows[f"{name} dq"] = _rel(dq, dq_ref)
     print(rows)
     errs = {k: v for k, v in rows.items() if isinstance(v, float)}
