@@ -228,7 +228,8 @@ def run_variant(v: dict, cfg: dict, shape: dict, device, warmup: int, iters: int
         torch.cuda.empty_cache()
 
 
-def run_interleaved(vs: list[dict], cfg: dict, shape: dict, device, warmup: int, iters: int) -> list[dict]:
+def run_interleaved(vs: list[dict], cfg: dict, shape: dict, device, warmup: int, iters: int,
+                    memory: bool = True) -> list[dict]:
     """CPU: all variants alive at once (they are small) and timed round-robin, one step each per round, so load
     from other processes on a shared machine hits every variant alike instead of whichever ran during it."""
     built = []
@@ -249,7 +250,8 @@ def run_interleaved(vs: list[dict], cfg: dict, shape: dict, device, warmup: int,
             times[i].append(time.perf_counter() - t0)
     out = []
     for t, (model, opt, step, (loss, first_s)) in zip(times, built):
-        peak, peak_step = cpu_peak_bytes(step, model, opt)
+        # MemTracker dispatches every op through Python: most of a --tiny run's time, so --tiny skips it
+        peak, peak_step = cpu_peak_bytes(step, model, opt) if memory else (None, None)
         out.append({"step_s": statistics.median(t), "peak": peak, "peak_step": peak_step, "first_loss": loss,
                     "first_s": first_s})
     del built
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vs = variants(gpu, compile_backend, args.tiny)
         results = ([run_variant(v, cfg, shape, device, warmup, iters) for v in vs] if gpu
-                   else run_interleaved(vs, cfg, shape, device, warmup, iters))
+                   else run_interleaved(vs, cfg, shape, device, warmup, iters, memory=not args.tiny))
         for v, r in zip(vs, results):
             if "note" in r:
                 rows.append((v["name"], *["-"] * 9, r["note"]))
@@ -330,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             achieved = f"{rate / 1e12:.1f} TFLOP/s" if gpu else f"{rate / 1e9:.1f} GFLOP/s"
             speed = f"{plain_s / s:.2f}x" if plain_s else "-"
             rows.append((v["name"], f"{1e3 * s:.1f}", f"{shape['batch'] * n / s:,.0f}", achieved, mfu,
-                         fmt_bytes(r["peak"]), fmt_bytes(r["peak_step"]), f"{r['first_loss']:.6f}",
+                         *(("not measured (--tiny)",) * 2 if r["peak"] is None else
+                           (fmt_bytes(r["peak"]), fmt_bytes(r["peak_step"]))), f"{r['first_loss']:.6f}",
                          f"{r['first_s']:.1f}", speed, ""))
     finally:
         if dist.is_initialized():
