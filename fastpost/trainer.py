@@ -295,7 +295,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         total, samples, tokens, extra = None, 0, 0, {}
         for micro in range(cfg.grad_accum):
-            batch = next(batches)  # already on the device when the loader prefetches (non_blocking otherwise)
+            batch = next(batches)  # pinned by the prefetching loader on CUDA: the copy below does not block
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
             index = self.batches_seen + micro * dims.dp + dims.dp_rank  # this micro-batch's global index
