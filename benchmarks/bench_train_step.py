@@ -25,7 +25,9 @@ the "first loss" column must agree across rows (exactly in fp32).
 
 Model FLOPs are analytic (mochi_forward_flops; equal to torch's FlopCounterMode, checked in
 tests/test_benchmarks.py): every matmul of the forward at 2 FLOPs/MAC, attention 4*(N+T_valid)^2*D per sample;
-a step = 3 x forward (backward = 2 x forward). Recomputation under AC is not model work and is not counted.
+a step = 3 x forward (backward = 2 x forward). Recomputation under AC is not model work and is not counted, nor
+are the masked text rows fastpost's one batched masked call also runs (SDPA/math: +1.5% of attention at 17,490
+tokens with 128 of 256 text tokens valid; flash varlen skips the masked keys, +0.7%).
 MFU = model FLOPs / step time / 989 TFLOP/s (H100 bf16 dense). Peak memory: torch.cuda.max_memory_allocated on
 GPU; on CPU, torch's MemTracker (live tensor bytes by category) over one extra step.
 """
@@ -46,6 +48,7 @@ from _common import (H100_BF16_DENSE_TFLOPS, fmt_bytes, fmt_flops, gpu_pending, 
 
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
+from fastpost.distributed.compile import CompileConfig
 from fastpost.distributed.fsdp import FSDPConfig
 from fastpost.models import get_family
 
@@ -55,6 +58,10 @@ FAMILY = get_family("mochi")
 CPU_CONFIG = {**FAMILY.config("debug"), "num_attention_heads": 4, "attention_head_dim": 32, "num_layers": 4,
               "pooled_projection_dim": 64, "text_embed_dim": 64, "max_sequence_length": 32}
 CPU_SHAPE = dict(batch=1, frames=4, height=32, width=32, text_len=32, valid_text=20)  # 4x16x16 = 1,024 tokens
+# --tiny (scripts/gpu_check.sh --cpu-dry-run): the same flow in seconds
+TINY_CONFIG = {**CPU_CONFIG, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+               "pooled_projection_dim": 32, "text_embed_dim": 32, "max_sequence_length": 16}
+TINY_SHAPE = dict(batch=1, frames=2, height=8, width=8, text_len=16, valid_text=9)  # 2x4x4 = 32 tokens
 GPU_SHAPE = dict(batch=1, frames=11, height=60, width=106, text_len=256, valid_text=128)  # 17,490 tokens
 ACT_BYTES_PER_TOKEN_PER_D = 97.4  # bf16 bytes one Mochi block saves per video token / hidden (CPU measurement)
 
@@ -121,12 +128,18 @@ def make_inputs(cfg: dict, shape: dict, device, seed: int = 0):
     return [v.to(device) for v in (x, 1000.0 * sigma, embeds, mask, target)]
 
 
-def variants(gpu: bool) -> list[dict]:
+def variants(gpu: bool, compile_backend: str | None = "inductor", tiny: bool = False) -> list[dict]:
     fsdp1 = gpu  # GPU: fastpost's bf16 comes from FSDP mixed precision, so every fastpost row takes that path
-    rows = [dict(name="plain loop (diffusers + torch AdamW)", plain=True, gc=False, ac="none"),
-            dict(name="plain loop + diffusers GC", plain=True, gc=True, ac="full")]
+    rows = [dict(name="plain loop (diffusers + torch AdamW)", plain=True, gc=False, ac="none")]
+    if not tiny:  # --tiny (the gpu_check dry run) keeps one row of each kind
+        rows.append(dict(name="plain loop + diffusers GC", plain=True, gc=True, ac="full"))
     rows += [dict(name=f"fastpost, AC {m}", plain=False, ac=m, fsdp1=fsdp1) for m in ("none", "selective", "full")]
-    if not gpu:
+    if compile_backend:  # regional compile (each block, after AC, before FSDP); its first step includes compiling
+        rows += [dict(name=f"fastpost, AC {m} + compile" + ("" if compile_backend == "inductor"
+                                                             else f" ({compile_backend})"),
+                      plain=False, ac=m, fsdp1=fsdp1, compile=compile_backend)
+                 for m in (("none",) if tiny else ("none", "selective"))]
+    if not gpu and not tiny:
         rows.append(dict(name="fastpost, AC none, trainer path (1-rank group)", plain=False, ac="none", fsdp1=True))
     return rows
 
@@ -143,8 +156,10 @@ def build(v: dict, cfg: dict, device, gpu: bool):
         dims = ParallelDims(world_size=1)
         if v["fsdp1"]:
             dims.build_mesh(device.type)  # needs the 1-rank process group main() created
+        compile = CompileConfig(enabled=True, backend=v["compile"]) if v.get("compile") else None
         FAMILY.parallelize(model, dims, ACConfig(mode=v["ac"]),
-                           FSDPConfig(param_dtype="bfloat16" if gpu else "float32", reduce_dtype="float32"))
+                           FSDPConfig(param_dtype="bfloat16" if gpu else "float32", reduce_dtype="float32"),
+                           compile=compile)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     return model, opt
 
@@ -188,7 +203,9 @@ def run_variant(v: dict, cfg: dict, shape: dict, device, warmup: int, iters: int
     try:
         model, opt = build(v, cfg, device, True)
         step = step_fn(v, model, opt, make_inputs(cfg, shape, device), True)
-        first_loss = step().item()  # also allocates AdamW's state
+        t0 = time.perf_counter()
+        first_loss = step().item()  # also allocates AdamW's state (and compiles, with compile)
+        first_s = time.perf_counter() - t0
         for _ in range(max(0, warmup - 1)):
             step()
         torch.cuda.synchronize()
@@ -201,7 +218,8 @@ def run_variant(v: dict, cfg: dict, shape: dict, device, warmup: int, iters: int
             torch.cuda.synchronize()  # a whole step: host time == device time once synchronised
             times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated()
-        return {"step_s": statistics.median(times), "peak": peak, "peak_step": peak - start, "first_loss": first_loss}
+        return {"step_s": statistics.median(times), "peak": peak, "peak_step": peak - start, "first_loss": first_loss,
+                "first_s": first_s}
     except torch.cuda.OutOfMemoryError as e:
         return {"note": "OOM: " + short_error(e, 40)}
     finally:
@@ -210,17 +228,20 @@ def run_variant(v: dict, cfg: dict, shape: dict, device, warmup: int, iters: int
         torch.cuda.empty_cache()
 
 
-def run_interleaved(vs: list[dict], cfg: dict, shape: dict, device, warmup: int, iters: int) -> list[dict]:
+def run_interleaved(vs: list[dict], cfg: dict, shape: dict, device, warmup: int, iters: int,
+                    memory: bool = True) -> list[dict]:
     """CPU: all variants alive at once (they are small) and timed round-robin, one step each per round, so load
     from other processes on a shared machine hits every variant alike instead of whichever ran during it."""
     built = []
     for v in vs:
         model, opt = build(v, cfg, device, False)
         step = step_fn(v, model, opt, make_inputs(cfg, shape, device), False)
+        t0 = time.perf_counter()
         first_loss = step().item()
+        first_s = time.perf_counter() - t0
         for _ in range(max(0, warmup - 1)):
             step()
-        built.append((model, opt, step, first_loss))
+        built.append((model, opt, step, (first_loss, first_s)))
     times = [[] for _ in vs]
     for _ in range(iters):
         for i, (_, _, step, _) in enumerate(built):
@@ -228,9 +249,11 @@ def run_interleaved(vs: list[dict], cfg: dict, shape: dict, device, warmup: int,
             step()
             times[i].append(time.perf_counter() - t0)
     out = []
-    for t, (model, opt, step, loss) in zip(times, built):
-        peak, peak_step = cpu_peak_bytes(step, model, opt)
-        out.append({"step_s": statistics.median(t), "peak": peak, "peak_step": peak_step, "first_loss": loss})
+    for t, (model, opt, step, (loss, first_s)) in zip(times, built):
+        # MemTracker dispatches every op through Python: most of a --tiny run's time, so --tiny skips it
+        peak, peak_step = cpu_peak_bytes(step, model, opt) if memory else (None, None)
+        out.append({"step_s": statistics.median(t), "peak": peak, "peak_step": peak_step, "first_loss": loss,
+                    "first_s": first_s})
     del built
     gc.collect()
     return out
@@ -251,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="CPU: torch intra-op threads")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="CPU: a 2-layer, 32-token model (the gpu_check dry run)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="backend of the compile rows (inductor; aot_eager: graph capture only); 'none' drops them")
     args = p.parse_args(argv)
+    compile_backend = None if args.compile_backend == "none" else args.compile_backend
     print(machine_line())
     gpu = has_gpu() and not args.cpu
     if gpu:
@@ -264,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         # holds (measured: the same step 0.2 s alone, 2-6 s under load); one thread degrades gracefully.
         torch.set_num_threads(args.threads)
         device, cfg, shape, warmup, iters = torch.device("cpu"), CPU_CONFIG, CPU_SHAPE, 2, 7
+        if args.tiny:
+            cfg, shape, warmup, iters = TINY_CONFIG, TINY_SHAPE, 1, 1
     warmup = args.warmup if args.warmup is not None else warmup
     iters = args.iters if args.iters is not None else iters
 
@@ -284,17 +313,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory estimate, no AC: {fmt_bytes(16 * n_params)} weights/grads/AdamW + {fmt_bytes(act)} activations")
     print(flops_table(cfg, shape))
 
-    need_group = any(v.get("fsdp1") for v in variants(gpu))
+    need_group = any(v.get("fsdp1") for v in variants(gpu, compile_backend, args.tiny))
     if need_group and not dist.is_initialized():
         init_distributed()  # world 1: gloo on CPU, nccl on GPU
     rows, plain_s = [], None
     try:
-        vs = variants(gpu)
+        vs = variants(gpu, compile_backend, args.tiny)
         results = ([run_variant(v, cfg, shape, device, warmup, iters) for v in vs] if gpu
-                   else run_interleaved(vs, cfg, shape, device, warmup, iters))
+                   else run_interleaved(vs, cfg, shape, device, warmup, iters, memory=not args.tiny))
         for v, r in zip(vs, results):
             if "note" in r:
-                rows.append((v["name"], *["-"] * 8, r["note"]))
+                rows.append((v["name"], *["-"] * 9, r["note"]))
                 continue
             s = r["step_s"]
             plain_s = s if v["plain"] and not v["gc"] else plain_s
@@ -303,19 +332,22 @@ def main(argv: list[str] | None = None) -> int:
             achieved = f"{rate / 1e12:.1f} TFLOP/s" if gpu else f"{rate / 1e9:.1f} GFLOP/s"
             speed = f"{plain_s / s:.2f}x" if plain_s else "-"
             rows.append((v["name"], f"{1e3 * s:.1f}", f"{shape['batch'] * n / s:,.0f}", achieved, mfu,
-                         fmt_bytes(r["peak"]), fmt_bytes(r["peak_step"]), f"{r['first_loss']:.6f}", speed, ""))
+                         *(("not measured (--tiny)",) * 2 if r["peak"] is None else
+                           (fmt_bytes(r["peak"]), fmt_bytes(r["peak_step"]))), f"{r['first_loss']:.6f}",
+                         f"{r['first_s']:.1f}", speed, ""))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     print()
     print(markdown_table(["variant", "step ms", "tokens/s", "model FLOP/s", "MFU", "peak memory", "peak - step start",
-                          "first loss",
+                          "first loss", "first step s",
                           "speed vs plain", "note"], rows))
     if not gpu:
         print("\nCPU memory: torch MemTracker over one step (live params + grads + optimizer state + activations +"
               " temporaries).")
     print("peak - step start: the peak minus what is live when a step begins (weights, optimizer state): "
-          "activations, gradients and temporaries.")
+          "activations, gradients and temporaries. first step s: time to the first step's loss (with compile: "
+          "compiling the block graphs, forward and backward).")
     return 0
 
 

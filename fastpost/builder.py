@@ -7,6 +7,7 @@ is made here, in one fixed order:
      storage     model.storage_dtype: the frozen block linears stored in float8/bf16 (fastpost/storage.py)
   3. SP          the family's sequence-parallel processors and split/gather hooks
   4. AC          activation checkpointing of the blocks
+  4b. compile    torch.compile of each block (regional, in place; `compile.enabled`)
   5. FSDP2       per block, then the root, over the dp_shard x sp mesh (skipped with shard=False)
   6. load        each rank reads only its own slice of every tensor from the safetensors files (mmap'd); no
                  rank ever holds the whole model unless it is unsharded
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
+from fastpost.distributed.compile import CompileConfig, apply_compile
 from fastpost.distributed.fsdp import DTYPES, FSDPConfig, apply_fsdp
 from fastpost.distributed.offload import ActivationOffloader, BlockOffloader, OffloadConfig, checkpoint_offloaded
 from fastpost.storage import apply_storage
@@ -351,7 +353,7 @@ def _inject_real_lora(model: nn.Module, spec: ModelSpec, default_targets=None) -
 
 def build_model(family, spec: ModelSpec, dims, *, ac: ACConfig | None = None, fsdp: FSDPConfig | None = None,
                 attention_backend: str = "auto", shard: bool = True, device: torch.device | None = None,
-                offload: OffloadConfig | None = None):
+                offload: OffloadConfig | None = None, compile: CompileConfig | None = None):
     """Build `spec` for `family` in the fixed order (module docstring); returns (model, sp_state).
 
     shard=False leaves the weights replicated (sampling): SP processors only, every rank loads everything.
@@ -375,6 +377,7 @@ def build_model(family, spec: ModelSpec, dims, *, ac: ACConfig | None = None, fs
         checkpoint_offloaded(blocks, ActivationOffloader())
     elif spec.trainable:
         apply_activation_checkpointing(blocks, ac or ACConfig())
+    apply_compile(blocks, compile)
     if shard:
         apply_fsdp(model, blocks, dims, fsdp)
     if device is None:

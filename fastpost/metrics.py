@@ -14,21 +14,23 @@ import yaml
 from torch.distributed.tensor import DTensor
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm of the gradients (all shards, all ranks), clipped to max_norm if max_norm > 0.
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (all shards, all ranks), clipped to max_norm if max_norm > 0. Returned as
+    a device tensor: reading it is a host sync, which the trainer does only on logging steps.
 
     Under FSDP the gradients are DTensor shards: the norm of the local shards is reduced over the mesh by
     `full_tensor()`, so every rank clips with the same global norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        p = params[0].to_local() if isinstance(params[0], DTensor) else params[0]
+        return torch.zeros((), device=p.device)
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total.item()
+    return total
 
 
 def peak_memory_mib() -> float:
@@ -92,6 +94,26 @@ class MetricsLogger:
                                                                          "tokens_per_s", "peak_mem_mib", "skipped")]
             print(f"[train] step {step}/{self.total} " + " ".join(parts), flush=True)
 
+    def log_video(self, tag: str, frames_FHWC, step: int, fps: int, path: Path | None = None) -> None:
+        """A uint8 [F, H, W, 3] video to tensorboard (add_video; an animated GIF image summary) and wandb."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            try:
+                import moviepy  # noqa: F401  (add_video needs it to encode; without it, it logs nothing)
+
+                video = torch.from_numpy(frames_FHWC).permute(0, 3, 1, 2)[None]  # [N, T, C, H, W]
+                self._tb.add_video(tag, video, step, fps=fps)
+            except ImportError:
+                self._tb._get_file_writer().add_summary(_gif_summary(tag, frames_FHWC, fps), step)
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            video = wandb.Video(str(path), fps=fps) if path is not None else \
+                wandb.Video(frames_FHWC.transpose(0, 3, 1, 2), fps=fps)
+            self._wandb.log({tag: video}, step=step)
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -102,3 +124,19 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _gif_summary(tag: str, frames_FHWC, fps: int):
+    """What SummaryWriter.add_video writes (an image summary holding an animated GIF), encoded with Pillow
+    instead of moviepy."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(f) for f in frames_FHWC]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    _, h, w, c = frames_FHWC.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buf.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])

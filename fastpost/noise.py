@@ -144,7 +144,9 @@ class VPSchedule(NoiseSchedule):
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
 
     def coefficients(self, t):
-        abar = self.alphas_cumprod[t.cpu()].to(t.device)
+        if self.alphas_cumprod.device != t.device:  # moved once: indexing a CPU table with device t would sync
+            self.alphas_cumprod = self.alphas_cumprod.to(t.device)
+        abar = self.alphas_cumprod[t]
         return abar.sqrt(), (1 - abar).sqrt()
 
     def model_timestep(self, t):
@@ -245,3 +247,14 @@ def phase_edges(n: int, phases: int) -> torch.Tensor:
 def even_edges(n: int, steps: int) -> torch.Tensor:
     """`steps` DDIM jumps spread evenly over an n-point grid (the teacher's k-step sampler)."""
     return phase_edges(n, steps)
+
+
+def randn_on(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal noise drawn ON `device`: no host tensor and no copy in the training step. On CPU it is
+    drawn from `generator` itself; on an accelerator from a device generator seeded by one draw of `generator`
+    (so SP peers and resumed runs, which share the CPU generator's seed, draw identical noise there too)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.randn(shape, generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))  # a CPU tensor: no device sync
+    return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), device=device)

@@ -5,11 +5,12 @@ Build order (each step needs the ones before it):
   2. loader over latent shards (dp rank decides the samples; SP peers get the same ones), checked against the
      model's config before any weight is read
   3. recipe: declares its models; each is made by the one model builder (meta init -> LoRA -> SP -> AC ->
-     FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
+     compile -> FSDP2 -> each rank loads its own slices of the checkpoint), and its trainable modules
   4. one optimizer (optim.name, fastpost/optim.py) + LR schedule per trainable module (the recipe may override
      optim keys per module)
   5. EMA of the exported model's trainable weights
   6. checkpoint manager; resume restores 2-6 exactly, also at another world size or layout
+  7. validation (optional): fastpost.sampling's sampler over the trained model itself, at step 0 and every N
 The step: for each phase the recipe names, grad_accum micro-batches of loss + backward, then per optimizer
 clip, a collective non-finite check (skip the update everywhere), step. Noise is keyed by the global batch index.
 """
@@ -34,6 +35,7 @@ from fastpost.data.checks import check_shards_for_model, pretrained_vae_config
 from fastpost.data.loader import LoaderConfig, ShardLoader
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
+from fastpost.distributed.compile import CompileConfig
 from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
 from fastpost.distributed.offload import OffloadConfig
 from fastpost.export import COMFY_LORA_FILE, export_lora, save_comfy_lora, save_transformer
@@ -43,6 +45,7 @@ from fastpost.models import get_family
 from fastpost.optim import build_optimizer
 from fastpost.plan import PlanConfig
 from fastpost.recipes import RecipeContext, get_recipe
+from fastpost.validation import ValidationConfig, Validator
 
 
 @dataclass
@@ -123,12 +126,14 @@ class TrainConfig:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ac: ACConfig = field(default_factory=ACConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)  # one GPU: block weights / block inputs on host
+    compile: CompileConfig = field(default_factory=CompileConfig)  # regional torch.compile of the blocks
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: LoaderConfig = field(default_factory=lambda: LoaderConfig(path=""))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)  # `fastpost plan`: target GPUs and clip size
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # sample videos during training
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -158,9 +163,15 @@ class EMA:
         self.shadow = {n: p.detach().clone() for n, p in params.items()}
 
     @torch.no_grad()
-    def update(self) -> None:
-        for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+    def update(self, weight: torch.Tensor | float = 1.0) -> None:
+        """shadow += (1 - decay) * weight * (p - shadow); weight 0 (a skipped step) leaves it, on the device."""
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        w = (1 - self.decay) * weight
+        with implicit_replication():  # a plain 0-dim weight next to DTensor shards
+            for n, p in self.params.items():
+                shadow = self.shadow[n]
+                shadow.lerp_(p.detach(), w.to(shadow.dtype) if isinstance(w, torch.Tensor) else w)
 
     @contextlib.contextmanager
     def swapped(self):
@@ -244,12 +255,19 @@ class Trainer:
         if resume is not None:
             self._load(resume)
         self.metrics = MetricsLogger(self.out, cfg.logging, self.rank, to_dict(cfg))
+        # 7. validation videos: the sampler over this very (sharded) model; VAE / text encoder only when used
+        self.validator = None
+        if cfg.validation.every_steps:
+            self.validator = Validator(cfg.validation, family=self.family, model=self.model, out_dir=self.out,
+                                       rank=self.rank, device=self.device, pretrained=cfg.model.pretrained,
+                                       flavor=cfg.model.flavor, allow_pickle=cfg.model.allow_pickle,
+                                       metrics=self.metrics, ema=self.ema)
 
     def _build(self, spec: ModelSpec):
         cfg = self.cfg
         model, _ = build_model(self.family, spec, self.dims, ac=cfg.ac, fsdp=cfg.fsdp,
                                attention_backend=cfg.model.attention_backend, device=self.device,
-                               offload=cfg.offload)
+                               offload=cfg.offload, compile=cfg.compile)
         return model
 
     def _build_module(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -296,102 +314,146 @@ class Trainer:
             print(f"[fastpost] resumed from {path} at step {self.step}", flush=True)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
-    def _any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)  # nccl reduces device tensors only
+    # No host-device sync between logging steps: losses, norms and the non-finite flag stay device tensors; the
+    # update of a non-finite step is skipped on the device (fused AdamW's found_inf: weights, moments and its step
+    # count untouched; the EMA's weight is zeroed; optimizers without a device-side skip read the flag once), and the host reads all of it once per logging step (`_flush`),
+    # where it counts consecutive skipped steps and aborts past max_bad_steps. A skipped step still advances the LR
+    # schedule and the recipe's after-step hook (as with torch.amp's GradScaler).
+    def _any_rank_nonfinite(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """1.0 on every rank if any value on any rank is NaN/inf, else 0.0 (a device tensor; no host sync)."""
+        bad = torch.stack([(~torch.isfinite(v.detach().float())).any() for v in values]).any().float()
         if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # nccl reduces device tensors only
+        return bad
 
-    def _mean_over_dp(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+    def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        t = value.detach().to(torch.float64).reshape(1).clone()
         if dist.is_initialized():
             dist.all_reduce(t)  # every SP peer holds the same value, so the world mean is the dp mean
             t /= dist.get_world_size()
-        return t.item()
+        return t[0]
 
-    def _update(self, phase: str, batches) -> dict[str, float] | None:
-        """One update of the phase's optimizers over grad_accum micro-batches; None if it was non-finite."""
+    def _update(self, phase: str, batches) -> tuple[dict[str, Any], torch.Tensor]:
+        """One update of the phase's optimizers over grad_accum micro-batches: (metrics, non-finite flag)."""
         cfg, dims = self.cfg, self.dims
         for optimizer in self.optimizers.values():  # a phase's loss may reach other modules' parameters
             optimizer.zero_grad(set_to_none=True)
-        total, samples, tokens, extra = 0.0, 0, 0, {}
+        total, samples, tokens, extra = None, 0, 0, {}
         for micro in range(cfg.grad_accum):
+            batch = next(batches)  # pinned by the prefetching loader on CUDA: the copy below does not block
             batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in next(batches).items()}
+                     for k, v in batch.items()}
             index = self.batches_seen + micro * dims.dp + dims.dp_rank  # this micro-batch's global index
             loss, extra = self.recipe.loss(batch, batch_generator(cfg.seed, index), phase)
             (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            part = loss.detach().float() / cfg.grad_accum
+            total = part if total is None else total + part
             samples += batch["latents"].shape[0]
             tokens += batch["latents"].shape[0] * self.family.video_tokens(self.model, batch["latents"].shape)
         self.batches_seen += cfg.grad_accum * dims.dp
         names = self.recipe.phase_trainables(phase)
         norms = {n: clip_grad_norm(self.params[n], self._clip[n]) for n in names}
-        if self._any_rank(not (math.isfinite(total) and all(map(math.isfinite, norms.values())))):
-            for optimizer in self.optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            return None
+        bad = self._any_rank_nonfinite([total, *norms.values()])
         for n in names:
-            self.optimizers[n].step()
-            self.optimizers[n].zero_grad(set_to_none=True)
+            optimizer = self.optimizers[n]
+            if optimizer.defaults.get("fused"):
+                optimizer.found_inf = bad  # fused AdamW skips the whole update on the device where this is 1
+                optimizer.step()
+            elif not bool(bad):  # optimizers that cannot skip on the device (8-bit, offloaded, prodigy): one read
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.recipe.after_optimizer_step(phase, self.step)
         key = "" if phase == "train" else f"_{phase}"
-        out = {f"loss{key}": self._mean_over_dp(total), "samples": samples * dims.dp, "tokens": tokens * dims.dp}
+        out: dict[str, Any] = {f"loss{key}": self._mean_over_dp(total), "samples": samples * dims.dp,
+                               "tokens": tokens * dims.dp}
         for n, norm in norms.items():
             out["grad_norm" if n == "model" else f"grad_norm_{n}"] = norm
         for k, v in extra.items():
-            out[f"{k}{key}"] = float(v.float().mean()) if isinstance(v, torch.Tensor) else float(v)
-        return out
+            out[f"{k}{key}"] = v.detach().float().mean() if isinstance(v, torch.Tensor) else float(v)
+        return out, bad
 
-    def train_step(self, batches) -> dict[str, float]:
-        """One training step: every phase the recipe names, then the LR schedules and the EMA."""
-        metrics: dict[str, float] = {}
+    def train_step(self, batches) -> dict[str, Any]:
+        """One training step: every phase the recipe names, then the LR schedules and the EMA. Values may be
+        device tensors (read at the next flush); "skipped" is 1 where a non-finite value skipped an update."""
+        metrics: dict[str, Any] = {}
         lrs = {n: s.get_last_lr()[0] for n, s in self.schedulers.items()}
+        flags = []
         for phase in self.recipe.phases(self.step):
-            out = self._update(phase, batches)
-            if out is None:
-                self.bad_steps += 1
-                if self.bad_steps > self.cfg.max_bad_steps:
-                    raise JobStop(EXIT_DIVERGED,
-                                  f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (phase "
-                                  f"{phase!r}); lower optim.lr, check the data, or raise max_bad_steps", "diverged")
-                return {"skipped": 1.0, "bad_steps": float(self.bad_steps)}
+            out, bad = self._update(phase, batches)
+            flags.append(bad)
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0) + v if k in ("samples", "tokens") else v
-        self.bad_steps = 0
+        skipped = torch.stack(flags).max()
         for scheduler in self.schedulers.values():
             scheduler.step()
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(weight=1 - skipped)
         metrics.update({"lr" if n == "model" else f"lr_{n}": lr for n, lr in lrs.items()})
+        metrics["skipped"] = skipped
         return metrics
+
+    def _flush(self) -> None:
+        """The one host sync: read every pending step's device values at once, track the run of non-finite
+        steps (abort past max_bad_steps, on every rank alike: the flags are all-reduced), log the records."""
+        pending, self._pending = self._pending, []
+        keys = [(i, k) for i, (_, m) in enumerate(pending) for k, v in m.items() if isinstance(v, torch.Tensor)]
+        if keys:
+            values = torch.stack([pending[i][1][k].to(torch.float64).reshape(()) for i, k in keys]).tolist()
+            for (i, k), v in zip(keys, values):
+                pending[i][1][k] = v
+        for step, m in pending:
+            if m["skipped"]:
+                self.bad_steps += 1
+                if self.bad_steps > self.cfg.max_bad_steps:  # this step stops the job: it is not logged
+                    self.metrics.close()
+                    raise JobStop(EXIT_DIVERGED,
+                                  f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (up to "
+                                  f"step {step}); lower optim.lr, check the data, or raise max_bad_steps", "diverged")
+                m = {"skipped": 1.0, "bad_steps": float(self.bad_steps), "lr": m.get("lr", 0.0),
+                     **{k: m[k] for k in ("step_time_s", "peak_mem_mib") if k in m}}
+            else:
+                self.bad_steps = 0
+                m.pop("skipped")
+            self.metrics.log(step, m)
+            if "loss" in m:
+                self._losses.append(m["loss"])
 
     def fit(self) -> list[float]:
         cfg = self.cfg
         batches = self.loader.forever()
-        losses = []
+        self._losses: list[float] = []
+        self._pending: list[tuple[int, dict[str, Any]]] = []
         t_last = time.perf_counter()
+        if self.validator is not None and self.step == 0:
+            self.validator.run(self.step)  # the base model, for comparison
+            t_last = time.perf_counter()
         while self.step < cfg.steps:
             # collective: a stop signal on any rank, or a bad shard among the next step's samples on any rank
             if self.guard.should_stop(lambda: self.loader.check_next(cfg.grad_accum)):
+                self._flush()
                 path = self.save()
                 self.metrics.close()
                 raise self.guard.preempted(self.step, path)
             metrics = self.train_step(batches)
             self.step += 1
-            if "loss" in metrics:
-                losses.append(metrics["loss"])
             now = time.perf_counter()
             metrics.update(step_time_s=now - t_last, peak_mem_mib=peak_memory_mib())
             t_last = now
-            self.metrics.log(self.step, metrics)
-            if (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.steps
-                    and self.bad_steps == 0):  # saving mid-streak could rotate the last good checkpoint out
+            self._pending.append((self.step, metrics))
+            saving = bool(cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+                          and self.step < cfg.steps)
+            if saving or self.step % cfg.logging.every_steps == 0 or self.step == cfg.steps:
+                self._flush()
+            if saving and self.bad_steps == 0:  # saving mid-streak could rotate the last good checkpoint out
                 self.save()
+            if self.validator is not None and self.validator.due(self.step):
+                self.validator.run(self.step)
+                t_last = time.perf_counter()  # the next step's time is its own, not the validation's
+        self._flush()
         self.save()
         self.export()
         self.metrics.close()
-        return losses
+        return self._losses
 
     # ---- export -------------------------------------------------------------------------------------------------
     def export(self) -> Path:

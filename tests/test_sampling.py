@@ -142,8 +142,10 @@ def test_world1_matches_diffusers_pipelines(comp):
     # per step. With the pipeline fed fastpost's timestep values everything else must agree to 1e-5.
     _record("mochi flow_euler vs MochiPipeline (stock timesteps)",
             (mine - _pipe_latents(comp, "mochi")).abs().max().item(), tol=1e-3)
+    # 2e-5: fastpost attends to each sample's valid text in ONE batched masked call (no host sync), diffusers per
+    # sample over the valid tokens only; the same math, another fp32 summation order (issue 17; measured 1.25e-5)
     _record("mochi flow_euler vs MochiPipeline (same model timesteps)",
-            (mine - _pipe_latents(comp, "mochi", _SameTimestepsScheduler)).abs().max().item())
+            (mine - _pipe_latents(comp, "mochi", _SameTimestepsScheduler)).abs().max().item(), tol=2e-5)
     # flavor null: the pipeline dir's own (inverted) scheduler config, run in fastpost's convention
     _record("mochi flavor=null (pipeline scheduler config) vs flavor=debug",
             (_mine(comp, "mochi", model={"flavor": None}) - mine).abs().max().item())

@@ -8,11 +8,17 @@ Semantics (what the trainer relies on):
     every dp_size-th batch. The list is padded (or, with drop_last, truncated) to a multiple of dp_size so
     every rank runs the same number of steps: no rank waits forever in a collective.
   * state_dict() after k batches + load_state_dict() in a fresh process yields exactly batch k+1 onward.
-    Reads happen in the consuming thread (no prefetch workers), so the state never runs ahead of training.
+  * `forever()` prefetches (LoaderConfig.prefetch batches ahead) on a background thread that walks its own copy
+    of the sampler; each batch travels with the sampler state right after it, which becomes the loader's state
+    when training takes the batch. So prefetching changes neither the batches nor the state (the same as reading
+    in the consuming thread). On CUDA the batch tensors are pinned, so the trainer's copy to the GPU is async.
 """
 
 from __future__ import annotations
 
+import copy
+import queue
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ class LoaderConfig:
     shuffle: bool = True
     drop_last: bool = False  # False: pad incomplete buckets by repeating samples (every sample seen each epoch)
     verify_checksums: bool = False  # sha256 each shard on first open (reads every byte once)
+    prefetch: int = 2  # batches read ahead on a background thread by forever() (0: read in the training thread)
 
 
 class BucketBatchSampler:
@@ -185,8 +192,13 @@ class ShardLoader:
 
     def __init__(self, dataset: ShardDataset | str | Path, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 0, shuffle: bool = True, drop_last: bool = False, verify: bool = False,
-                 require: tuple[str, ...] = ()) -> None:
-        """require: conditioning fields the model needs (family.cond_fields(config)); shards without them raise."""
+                 require: tuple[str, ...] = (), prefetch: int = 0) -> None:
+        """require: conditioning fields the model needs (family.cond_fields(config)); shards without them raise.
+        prefetch: batches read ahead on a background thread (0: read in the calling thread)."""
+        if prefetch < 0:
+            raise ValueError(f"data.prefetch must be >= 0 (batches read ahead), got {prefetch}")
+        self.prefetch = prefetch
+        self._prefetcher: _Prefetcher | None = None
         self.dataset = dataset if isinstance(dataset, ShardDataset) else ShardDataset(dataset, verify=verify,
                                                                                       require=require)
         lacking = [f for f in require if f not in self.dataset.cond_fields]
@@ -214,7 +226,8 @@ class ShardLoader:
     def from_config(cls, cfg: LoaderConfig, dims: Any = None, require: tuple[str, ...] = ()) -> "ShardLoader":
         dp_rank, dp_size = (dims.dp_rank, dims.dp) if dims is not None else (0, 1)
         return cls(cfg.path, cfg.batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
-                   shuffle=cfg.shuffle, drop_last=cfg.drop_last, verify=cfg.verify_checksums, require=require)
+                   shuffle=cfg.shuffle, drop_last=cfg.drop_last, verify=cfg.verify_checksums, require=require,
+                   prefetch=cfg.prefetch)
 
     @property
     def header(self) -> dict[str, Any]:
@@ -229,9 +242,27 @@ class ShardLoader:
             yield collate([self.dataset[i] for i in indices], indices)
 
     def forever(self) -> Iterator[dict[str, Any]]:
-        """Endless stream across epochs (for step-based training); the state stays exact throughout."""
-        while True:
-            yield from self
+        """Endless stream across epochs (for step-based training); the state stays exact throughout, also with
+        prefetch (then the reads happen on a background thread)."""
+        if not self.prefetch:
+            while True:
+                yield from self
+        self.close()
+        self._prefetcher = _Prefetcher(self, self.prefetch, pin=torch.cuda.is_available())
+        prefetcher = self._prefetcher
+        try:
+            while True:
+                batch, (epoch, position) = prefetcher.get()
+                self.sampler.epoch, self.sampler.position = epoch, position  # the state after this batch
+                yield batch
+        finally:
+            prefetcher.stop()
+
+    def close(self) -> None:
+        """Stop a running prefetch thread (forever() restarts it from the current state)."""
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -240,4 +271,51 @@ class ShardLoader:
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()  # batches read ahead belong to the old position
         self.sampler.load_state_dict(state)
+
+
+class _Prefetcher:
+    """Reads batches ahead on a daemon thread, from a copy of the loader's sampler; errors arrive in order."""
+
+    _END = object()
+
+    def __init__(self, loader: ShardLoader, depth: int, pin: bool):
+        self.loader, self.pin = loader, pin
+        self.sampler = copy.deepcopy(loader.sampler)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fastpost-prefetch", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                for indices in self.sampler:
+                    state = (self.sampler.epoch, self.sampler.position)  # right after this batch was taken
+                    batch = collate([self.loader.dataset[i] for i in indices], indices)
+                    if self.pin:
+                        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    if not self._put((batch, state)):
+                        return
+        except BaseException as e:  # a bad shard: raised in the training thread when it reaches that batch
+            self._put((self._END, e))
+
+    def get(self):
+        item = self.queue.get()
+        if item[0] is self._END:
+            raise item[1]
+        return item
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)

@@ -6,7 +6,9 @@ FSDP, as parallelize functions do.
 
 Selective: save the outputs of attention kernels and of collectives (all-to-all, all-gather), recompute
 everything else (matmuls, norms, activations). Attention is the most expensive op to recompute at video
-sequence lengths, and re-running a collective in backward would cost communication a second time.
+sequence lengths, and re-running a collective in backward would cost communication a second time. The attention
+ops come from the backend registry (fastpost.attention: each backend names its kernels), so a backend auto picks
+on a GPU (flash-attn 3 on H100) is saved too, and so is one registered later.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class ACConfig:
 
 
 def _ops(*names: str) -> set:
-    """Resolve 'namespace.op.overload' names that exist in this torch build (flash-attn ops only when installed)."""
+    """Resolve 'namespace.op.overload' names that exist in this torch build."""
     found = set()
     for name in names:
         ns, op, overload = name.split(".")
@@ -38,12 +40,9 @@ def _ops(*names: str) -> set:
 
 
 def _save_ops() -> set:
-    return _ops(
-        "aten._scaled_dot_product_flash_attention.default",
-        "aten._scaled_dot_product_flash_attention_for_cpu.default",
-        "aten._scaled_dot_product_efficient_attention.default",
-        "aten._scaled_dot_product_cudnn_attention.default",
-        "flash_attn._flash_attn_forward.default",
+    from fastpost.attention import saved_attention_ops
+
+    return saved_attention_ops() | _ops(
         "_c10d_functional.all_to_all_single.default",
         "_c10d_functional.all_gather_into_tensor.default",
         "_c10d_functional.wait_tensor.default",

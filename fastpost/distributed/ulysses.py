@@ -120,6 +120,8 @@ def heads_to_seq(x: torch.Tensor, mesh: DeviceMesh, degree: int) -> torch.Tensor
 def _local_mask(mask: torch.Tensor, heads: int, padded_heads: int, h_slice: slice,
                 rows: torch.Tensor) -> torch.Tensor:
     """Rows of a joint-sequence mask for this rank's queries, and its head slice if the mask is per head."""
+    if mask.shape[1] == 1 and mask.shape[2] == 1:  # a key-padding mask: the same for every query row
+        return mask
     if mask.shape[1] != 1:
         if mask.shape[1] != heads:
             raise ValueError(f"mask has {mask.shape[1]} heads, attention has {heads}")

@@ -204,16 +204,19 @@ class ModelFamily:
         return _blocks_of(model, self.blocks_attr)
 
     # ---- parallelism and the model call -------------------------------------------------------------------------
-    def parallelize(self, model: nn.Module, dims, ac=None, fsdp=None, attention_backend: str = "auto") -> nn.Module:
+    def parallelize(self, model: nn.Module, dims, ac=None, fsdp=None, attention_backend: str = "auto",
+                    compile=None) -> nn.Module:
         """The fixed order for every family: (1) SP processors + split/gather hooks, (2) activation checkpointing
         of the blocks, (3) FSDP2 per block, then the root. The hooks sit outside the checkpointed blocks, so the
         split runs once (not again in recompute); AC goes first so each FSDP unit is a checkpointed block."""
         from fastpost.distributed.activation_checkpoint import ACConfig, apply_activation_checkpointing
+        from fastpost.distributed.compile import apply_compile
         from fastpost.distributed.fsdp import FSDPConfig, apply_fsdp
 
         self.apply_sequence_parallel(model, dims, attention_backend)
         blocks = self.blocks(model)
         apply_activation_checkpointing(blocks, ac or ACConfig())
+        apply_compile(blocks, compile)  # (2b) regional compile: after AC, before FSDP (torchtitan's order)
         apply_fsdp(model, blocks, dims, fsdp or FSDPConfig())
         return model
 

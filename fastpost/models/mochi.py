@@ -11,7 +11,8 @@ What the diffusers 0.42.1 forward does, and where SP goes in:
   norm_out -> proj_out -> unpatchify
 So: split `hidden_states` entering block 0, gather it entering `norm_out`, and replace every block's processor by
 `MochiSPAttnProcessor`. RoPE tables are computed from the full sequence (pos_frequencies is a trained parameter)
-and sliced per rank like the tokens; the per-sample loop runs identically on every rank (the mask is replicated).
+and sliced per rank like the tokens; the per-sample loop becomes one batched masked call (identical on every
+rank: the mask is replicated).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers import MochiTransformer3DModel
 from diffusers.models.transformers.transformer_mochi import MochiTransformerBlock
 
@@ -79,31 +79,27 @@ class MochiSPAttnProcessor:
             cos, sin = (shard_sequence(t, 0, self.state.sp) for t in image_rotary_emb)
             q, k = apply_interleaved_rope(q, cos, sin), apply_interleaved_rope(k, cos, sin)
 
-        n_text = tq.shape[1]
+        # diffusers attends per sample over [video; that sample's valid text] and returns the text output
+        # compacted to the front. Here: one batched call for any mix of masks, with no host sync (it used to
+        # branch on the masks with .item() in every layer): a stable sort moves each sample's valid tokens to the
+        # front in order, a key-padding mask drops the rest (flash-attn runs it as varlen), and the text rows of
+        # dropped tokens are zeroed, which is diffusers' layout exactly.
         valid = attention_mask.bool()
-        if bool((valid == valid[:1]).all()):
-            # every sample has the same valid tokens: one batched call equals diffusers' per-sample loop
-            out, text_out = self._attend(q, k, v, tq, tk, tv, valid[0], n_text)
-        else:
-            outs = [self._attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], tq[i:i + 1], tk[i:i + 1], tv[i:i + 1],
-                                 valid[i], n_text) for i in range(q.shape[0])]
-            out, text_out = torch.cat([o for o, _ in outs]), torch.cat([t for _, t in outs])
+        order_BT = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        valid_BT = torch.gather(valid, 1, order_BT)  # a prefix: n_valid(b) trues, then falses
+        index = order_BT[:, :, None, None].expand_as(tq)
+        text = tuple(torch.gather(t, 1, index) for t in (tq, tk, tv))
+        n_video = self.state.seq_len if self.state.sp is not None else q.shape[1]  # joint unpadded video length
+        key_valid = torch.cat([valid_BT.new_ones(valid_BT.shape[0], n_video), valid_BT], dim=1)
+        out, text_out = self.state.attention(q, k, v, text=text, text_first=False, mask=key_valid[:, None, None])
+        text_out = torch.where(valid_BT[:, :, None, None], text_out, torch.zeros((), dtype=text_out.dtype,
+                                                                                  device=text_out.device))
 
         out = attn.to_out[1](attn.to_out[0](out.flatten(2)))  # linear, dropout
         text_out = text_out.flatten(2)
         if hasattr(attn, "to_add_out"):  # absent in the last (context_pre_only) block
             text_out = attn.to_add_out(text_out)
         return out, text_out
-
-    def _attend(self, q, k, v, tq, tk, tv, valid_T: torch.Tensor, n_text: int):
-        """Attention over [video; valid text]; the text output is compacted to the front and zero-padded to n_text
-        (diffusers' layout, also for masks that are not a prefix)."""
-        idx = torch.nonzero(valid_T, as_tuple=False).flatten()
-        if idx.numel() == 0:  # e.g. the zero mask of an empty negative prompt: video-only attention
-            return self.state.attention(q, k, v), tq.new_zeros(tq.shape)
-        text = (tq[:, idx], tk[:, idx], tv[:, idx])
-        out, text_out = self.state.attention(q, k, v, text=text, text_first=False)
-        return out, F.pad(text_out, (0, 0, 0, 0, 0, n_text - idx.numel()))
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------

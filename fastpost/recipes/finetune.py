@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from fastpost.data.checks import objective_scheduler_config
 from fastpost.data.shards import read_empty_prompt
+from fastpost.noise import randn_on
 from fastpost.recipes import Recipe, RecipeContext, Trainable
 
 
@@ -47,7 +48,8 @@ class CaptionDropout:
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if self.empty is None:
             return embeds_BTD, mask_BT
-        drop_B = (torch.rand(embeds_BTD.shape[0], generator=generator) < self.p).to(embeds_BTD.device)
+        drop_B = (torch.rand(embeds_BTD.shape[0], generator=generator) < self.p).to(embeds_BTD.device,
+                                                                                    non_blocking=True)
         empty_embeds, empty_mask = self.empty
         if empty_embeds.shape != embeds_BTD.shape[1:]:
             raise ValueError(f"the stored encoding of \"\" has shape {list(empty_embeds.shape)}, the batch's prompts "
@@ -138,10 +140,11 @@ class Finetune(Recipe):
         return out
 
     def loss(self, batch, generator, phase="train"):
-        # Randomness comes from the CPU generator (identical on SP peers, any device), then moves to the data.
+        # Randomness comes from the CPU generator (identical on SP peers): the noise is drawn on the device from a
+        # seed it gives, the few times are drawn on the host and copied without blocking.
         x0 = batch["latents"].float()
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        t = self.noise.sample_times(x0.shape[0], generator, self.cfg).to(x0.device)
+        eps = randn_on(x0.shape, generator, x0.device)
+        t = self.noise.sample_times(x0.shape[0], generator, self.cfg).to(x0.device, non_blocking=True)
         if self.expert_range is not None:  # one expert of a two-expert model: its noise levels only
             lo, hi = self.expert_range
             t = lo + (hi - lo) * t  # the job's time distribution, mapped onto the expert's interval
