@@ -82,7 +82,7 @@ def test_synthetic_shards_are_checked_from_their_tensor_shapes(tmp_path):
     config = COG.config("debug")  # in_channels 4, text_embed_dim 16, max_text_seq_length 8
     write_latent_shards(tmp_path / "ok", 4, (4, 3, 8, 8), 8, 16)
     check_shards_for_model(ShardDataset(tmp_path / "ok"), COG, config)  # fits: no error
-    cases = {"channels": ((8, 3, 8, 8), 8, 16, r"8 channels .* in_channels=4"),
+    cases = {"channels": ((8, 3, 8, 8), 8, 16, r"8 channels .* takes 4-channel latents"),
              "width": ((4, 3, 8, 8), 8, 32, r"width 32 but the transformer takes 16"),
              "length": ((4, 3, 8, 8), 16, 16, r"prompts of 16 tokens but the transformer's max_text_seq_length is 8"
                                               r".*max_text_length=8"),

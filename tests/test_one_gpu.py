@@ -168,9 +168,12 @@ def world1():
 
     from fastpost.distributed.parallel_dims import free_port
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    created = not dist.is_initialized()  # an earlier in-process trainer may have left its world-1 group
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    if created:
+        dist.destroy_process_group()
 
 
 def _job(out, shards, optim: dict, **extra) -> dict:

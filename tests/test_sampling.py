@@ -354,7 +354,7 @@ def test_clear_errors(comp, tmp_path, capsys):
         VideoSampler(_cfg(comp, "cogvideox", sampler="flow_euler"))
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['sampler_args.bogus'\]"):
         VideoSampler(_cfg(comp, "cogvideox", sampler_args={"bogus": 1}))
-    with pytest.raises(ValueError, match=r"unknown sampler 'nope'; registered: \['ddim', 'dpm', 'flow_euler'"):
+    with pytest.raises(ValueError, match=r"unknown sampler 'nope'; registered: \[.*'ddim'.*'flow_euler'"):
         VideoSampler(_cfg(comp, "cogvideox", sampler="nope"))
 
     # prompt files: text (blank lines skipped) and jsonl (line-numbered errors)
