@@ -97,8 +97,8 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--distill-steps", type=int, default=400)  # PCM and MCM
     p.add_argument("--dmd-steps", type=int, default=300)  # generator updates (each after --critic-updates)
-    p.add_argument("--critic-updates", type=int, default=2)
-    p.add_argument("--dmd-lr", type=float, default=2e-5)  # generator; the critic runs at 3e-4
+    p.add_argument("--critic-updates", type=int, default=5)
+    p.add_argument("--dmd-lr", type=float, default=5e-5)  # generator; the critic runs at 3e-4
     p.add_argument("--no-backward-simulation", action="store_true")
     p.add_argument("--dmd-renoise", choices=["ddim", "fresh"], default="ddim")
     p.add_argument("--mcm-raw-weight", type=float, default=1.0)
