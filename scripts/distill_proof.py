@@ -96,8 +96,14 @@ def main() -> None:
     p.add_argument("--workdir", default="outputs/distill_proof")
     p.add_argument("--teacher-steps", type=int, default=400)
     p.add_argument("--distill-steps", type=int, default=400)  # PCM and MCM
-    p.add_argument("--dmd-steps", type=int, default=200)  # generator updates (each after --critic-updates)
-    p.add_argument("--critic-updates", type=int, default=2)
+    p.add_argument("--dmd-steps", type=int, default=300)  # generator updates (each after --critic-updates)
+    p.add_argument("--critic-updates", type=int, default=5)
+    p.add_argument("--dmd-lr", type=float, default=5e-5)  # generator; the critic runs at 3e-4
+    p.add_argument("--no-backward-simulation", action="store_true")
+    p.add_argument("--dmd-renoise", choices=["ddim", "fresh"], default="ddim")
+    p.add_argument("--mcm-raw-weight", type=float, default=1.0)
+    p.add_argument("--mcm-adv-weight", type=float, default=0.1)
+    p.add_argument("--mcm-disc-lr", type=float, default=2e-4)
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--seeds", type=int, default=3)
@@ -135,14 +141,17 @@ def main() -> None:
                          "model": student, "recipe_args": pcm_args, "optim": {"lr": 3e-4, "warmup_steps": 20}})
     logs["dmd2"] = train({
         **common, "output_dir": str(work / "dmd2"), "steps": args.dmd_steps, "recipe": "dmd2", "model": student,
-        "recipe_args": {"teacher": teacher_dir, "num_teacher_steps": 50, "generator_steps": 4, "renoise": "ddim",
-                        "critic_updates": args.critic_updates, "critic": "full", "critic_optim": {"lr": 3e-4}},
-        "optim": {"lr": 5e-5, "warmup_steps": 20, "betas": [0.0, 0.99]},
+        "recipe_args": {"teacher": teacher_dir, "num_teacher_steps": 50, "generator_steps": 4,
+                        "renoise": args.dmd_renoise,
+                        "critic_updates": args.critic_updates, "critic": "full", "critic_optim": {"lr": 3e-4},
+                        "backward_simulation": not args.no_backward_simulation},
+        "optim": {"lr": args.dmd_lr, "warmup_steps": 20, "betas": [0.0, 0.99]},
     })
     logs["mcm"] = train({
         **common, "output_dir": str(work / "mcm"), "steps": args.distill_steps, "recipe": "mcm", "model": student,
         "recipe_args": {**pcm_args, "images": str(image_shards), "image_batch_size": 4, "image_mix": 1.0,
-                        "adv_weight": 0.05, "raw_weight": 0.25, "disc_optim": {"lr": 2e-4, "betas": [0.0, 0.99]}},
+                        "adv_weight": args.mcm_adv_weight, "raw_weight": args.mcm_raw_weight,
+                        "disc_optim": {"lr": args.mcm_disc_lr, "betas": [0.0, 0.99]}},
         "optim": {"lr": 3e-4, "warmup_steps": 20},
     })
 
@@ -169,7 +178,7 @@ def main() -> None:
         "teacher@4": lambda noise, seed: phased_sample(family, teacher, grid, even_edges(50, 4), noise, embeds, mask),
         "PCM@4": lambda noise, seed: phased_sample(family, models["pcm"], grid, edges4, noise, embeds, mask),
         "DMD2@4": lambda noise, seed: dmd_sample(family, models["dmd2"], grid, edges4, noise, embeds, mask,
-                                                 mode="ddim", generator=torch.Generator().manual_seed(seed)),
+                                                 mode=args.dmd_renoise, generator=torch.Generator().manual_seed(seed)),
         "MCM@4": lambda noise, seed: phased_sample(family, models["mcm"], grid, edges4, noise, embeds, mask),
     }
     outs = {name: [] for name in samplers}
@@ -207,8 +216,9 @@ def main() -> None:
               "DMD2 generator (DMD) loss": first_last(logs["dmd2"], "dmd_generator"),
               "MCM motion loss": first_last(logs["mcm"], "motion_student"),
               "MCM discriminator loss": first_last(logs["mcm"], "loss_disc")}
-    result = {"table": table, "targets": targets, "loss_first_last_20": losses, "held_out_prompts": len(HELD_OUT),
-              "noise_seeds": args.seeds, "image_set": len(images), "elapsed_s": round(time.time() - t0)}
+    result = {"args": vars(args), "table": table, "targets": targets, "loss_first_last_20": losses,
+              "held_out_prompts": len(HELD_OUT), "noise_seeds": args.seeds, "image_set": len(images),
+              "elapsed_s": round(time.time() - t0)}
     (work / "result.json").write_text(json.dumps(result, indent=2))
     print("\n| sampler | latent MSE to teacher@50 | SSIM to teacher@50 | diversity (/ teacher@50) | frame proxy |")
     print("|---|---|---|---|---|")
