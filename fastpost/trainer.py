@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from fastpost.cluster import EXIT_DIVERGED, ClusterConfig, JobGuard, JobStop
 from fastpost.config import from_dict, to_dict
 from fastpost.data.checks import check_shards_for_model, pretrained_vae_config
 from fastpost.data.loader import LoaderConfig, ShardLoader
+from fastpost.data.text import with_id_token
 from fastpost.distributed import ParallelDims, init_distributed
 from fastpost.distributed.activation_checkpoint import ACConfig
 from fastpost.distributed.compile import CompileConfig
@@ -258,7 +259,9 @@ class Trainer:
         # 7. validation videos: the sampler over this very (sharded) model; VAE / text encoder only when used
         self.validator = None
         if cfg.validation.every_steps:
-            self.validator = Validator(cfg.validation, family=self.family, model=self.model, out_dir=self.out,
+            # a LoRA trained on id_token-prefixed captions is validated on prompts that carry the token too
+            prompts = [with_id_token(p, cfg.id_token) for p in cfg.validation.prompts]
+            self.validator = Validator(replace(cfg.validation, prompts=prompts), family=self.family, model=self.model, out_dir=self.out,
                                        rank=self.rank, device=self.device, pretrained=cfg.model.pretrained,
                                        flavor=cfg.model.flavor, allow_pickle=cfg.model.allow_pickle,
                                        metrics=self.metrics, ema=self.ema)

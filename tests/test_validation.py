@@ -45,13 +45,15 @@ def test_validation_videos_at_step_0_and_every_n_with_tensorboard(mochi_job, tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    run_distributed(_train, 1, _job(mochi_job, out))
+    # the LoRA's id_token (issue 22) goes in front of every validation prompt, as in front of every caption
+    run_distributed(_train, 1, {**_job(mochi_job, out), "id_token": "BW_STYLE, "})
     videos = {}
     for step in (0, 2):
         folder = out / "validation" / f"step_{step:08d}"
         mp4s = sorted(folder.glob("*.mp4"))
-        assert [p.stem for p in mp4s] == ["0000_a_red_ball"]
-        meta = json.loads((folder / "0000_a_red_ball.json").read_text())
+        assert [p.stem for p in mp4s] == ["0000_bw_style_a_red_ball"]
+        meta = json.loads((folder / "0000_bw_style_a_red_ball.json").read_text())
+        assert meta["prompt"] == "BW_STYLE, a red ball"
         assert meta["step"] == step and meta["decoded_frames"] == 7 and meta["seed"] == 0
         frames = iio.imread(mp4s[0])  # ffmpeg reads it back
         assert frames.shape == (7, 32, 32, 3)

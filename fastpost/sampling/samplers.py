@@ -1,7 +1,7 @@
 """Samplers for `fastpost.sampling`: the plug-in interface and registry, the diffusers schedulers the families'
-pipelines use (DDIM / DPM for v-prediction, flow-match Euler, flow UniPC), the phased few-step sampler of a consistency-
-distilled student (PCM, MCM) and the re-noising sampler of a DMD2 generator. Which one a job gets by default is
-the family's (ModelFamily.default_sampler).
+pipelines use (DDIM / DPM for v-prediction, flow-match Euler, flow UniPC), the phased few-step sampler of a
+consistency-distilled student (PCM, MCM) and the re-noising sampler of a DMD2 generator. Which one a job gets by
+default is the family's (ModelFamily.default_sampler).
 
 The plug-in interface (everything the denoising loop touches):
 
