@@ -1,5 +1,5 @@
 """`fastpost plan`: predict a training job's per-GPU memory before renting the GPUs, and suggest the cheapest
-change (Ulysses degree, activation checkpointing, CPU offload) that makes it fit.
+change (Ulysses degree, activation checkpointing, storage dtype, optimizer, offload) that makes it fit.
 
 The model is sized on the meta device (no weights): from model.pretrained's config.json when that folder exists on
 this machine, else from the family's flavor named in `plan.flavor` (or model.flavor). The parts, per GPU:
@@ -25,8 +25,7 @@ resident; needs AC, whose recompute streams them in again) and offload.activatio
 the host, the current and the prefetched block's on the GPU).
 
 Tokens per GPU: video tokens of (plan.height, plan.width, plan.frames) through the family's VAE factors and patch
-sizes, split over sp, plus the text tokens every SP rank keeps.
-"""
+sizes, split over sp, plus the text tokens every SP rank keeps."""
 
 from __future__ import annotations
 
