@@ -402,8 +402,7 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
         if frozen_models:  # a frozen model runs its forward while the student's activations are held
             parts.append(("FSDP gathered for the frozen models' forward: root + 2 blocks",
                           facts.root * compute + 2 * facts.block * compute))
-    # activations of one micro-batch
-    video, text = sequence(family, config, vae_config(family, cfg), cfg.plan)
+    video, text = sequence(family, config, vae_config(family, cfg), cfg.plan)  # activations of one micro-batch
     batch = cfg.data.batch_size
     tokens_video = video / sp
     act = activation_model(family, config, cfg.lora)
