@@ -47,7 +47,8 @@ def job(out, data, recipe, steps, **extra) -> dict:
     cfg = {"output_dir": str(out), "steps": steps, "seed": 5, "recipe": recipe, "recipe_args": args,
            "model": {"family": "cogvideox", "flavor": "debug"}, "optim": {"lr": 1e-3}, "lora": LORA,
            "data": {"path": str(data / "videos"), "batch_size": 1},
-           "checkpoint": {"every_steps": 2}, "logging": {"progress_bar": False}}
+           # a metrics record per step (the trainer writes them at logging steps): the kill below waits for step 3
+           "checkpoint": {"every_steps": 2}, "logging": {"progress_bar": False, "every_steps": 1}}
     cfg.update(extra)
     return cfg
 
