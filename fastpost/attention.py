@@ -203,9 +203,8 @@ register_backend(AttentionBackend("sdpa", _sdpa_kernel, lambda: True, _no_check,
 register_backend(AttentionBackend("math", _math_kernel, lambda: True, _no_check))
 
 
-def saved_attention_ops() -> set:
-    """The attention kernels (torch ops) of every registered backend that exist in this process."""
-    names = [op for b in _REGISTRY.values() for op in b.saved_ops]
+def resolve_ops(*names: str) -> set:
+    """The torch ops named 'namespace.op.overload' that exist in this process (others are left out)."""
     found = set()
     for name in names:
         ns, op, overload = name.split(".")
@@ -213,6 +212,11 @@ def saved_attention_ops() -> set:
         if packet is not None and hasattr(packet, overload):
             found.add(getattr(packet, overload))
     return found
+
+
+def saved_attention_ops() -> set:
+    """The attention kernels (torch ops) of every registered backend that exist in this process."""
+    return resolve_ops(*(op for b in _REGISTRY.values() for op in b.saved_ops))
 
 
 def available_backends() -> list[str]:

@@ -67,16 +67,6 @@ class NoiseSchedule(abc.ABC):
         a, b = self.coefficients(t)
         return _bcast(a, x0) * x0 + _bcast(b, x0) * eps
 
-    def renoise(self, x: torch.Tensor, pred: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
-        """A few-step generator's step: its clean estimate at src, noised to dst with fresh `noise` (DMD2's
-        sampler); without noise the DDIM step (the estimated eps re-used)."""
-        if noise is None:
-            return self.ddim(x, pred, src, dst)
-        x0, _ = self.estimates(x, pred, src)
-        a, b = self.coeffs(dst, x)
-        return a * x0 + b * noise.to(x.device, x.dtype)
-
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What predict() should return at x_t = add_noise(x0, eps, t)."""
         if self.prediction_type == "flow_matching":

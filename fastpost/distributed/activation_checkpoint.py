@@ -28,21 +28,10 @@ class ACConfig:
     every_n: int = 2  # with mode=every_n: checkpoint blocks 0, N, 2N, ...
 
 
-def _ops(*names: str) -> set:
-    """Resolve 'namespace.op.overload' names that exist in this torch build."""
-    found = set()
-    for name in names:
-        ns, op, overload = name.split(".")
-        packet = getattr(getattr(torch.ops, ns), op, None)
-        if packet is not None and hasattr(packet, overload):
-            found.add(getattr(packet, overload))
-    return found
-
-
 def _save_ops() -> set:
-    from fastpost.attention import saved_attention_ops
+    from fastpost.attention import resolve_ops, saved_attention_ops
 
-    return saved_attention_ops() | _ops(
+    return saved_attention_ops() | resolve_ops(
         "_c10d_functional.all_to_all_single.default",
         "_c10d_functional.all_gather_into_tensor.default",
         "_c10d_functional.wait_tensor.default",
