@@ -62,6 +62,9 @@ class ModelSpec:
     # one expert of a two-expert pipeline (Wan 2.2 A14B): the flow-matching noise levels (sigma) it owns; recipes
     # draw training times only there. None: the whole schedule
     expert_range: tuple[float, float] | None = None
+    # both experts of a two-expert pipeline folder (model.expert=both): not buildable as one model; a recipe that
+    # supports it builds each with expert_spec(spec, "high_noise") / expert_spec(spec, "low_noise")
+    both_experts: bool = False
     storage_dtype: str | None = None  # frozen block linears stored in this dtype (fastpost.storage)
 
     def with_(self, **kw) -> "ModelSpec":
@@ -87,6 +90,7 @@ def transformer_dir(pretrained: str | Path) -> Path:
 
 
 EXPERTS = ("high_noise", "low_noise")  # transformer/ and transformer_2/ of a two-expert pipeline folder
+BOTH = "both"  # model.expert: train both experts in one job, each step the one that owns its drawn time
 
 
 def pipeline_boundary_ratio(pretrained: str | Path | None) -> float | None:
@@ -109,18 +113,22 @@ def pipeline_boundary_ratio(pretrained: str | Path | None) -> float | None:
 def expert_spec(spec: "ModelSpec", expert: str | None) -> "ModelSpec":
     """The spec of one expert of a two-expert pipeline folder: its transformer folder and the sigmas it owns
     (high_noise: [boundary_ratio, 1], low_noise: [0, boundary_ratio)). expert None: spec unchanged, and a
-    two-expert folder is an error (which expert would train is not said)."""
+    two-expert folder is an error (which expert would train is not said). expert "both": the pipeline's spec
+    marked both_experts (the recipe splits it)."""
     ratio = pipeline_boundary_ratio(spec.pretrained)
     if expert is None:
         if ratio is not None:
             raise BuildError(f"{spec.pretrained} holds two experts (transformer/ high noise, transformer_2/ low noise, "
-                             f"boundary_ratio {ratio}): set model.expert to high_noise or low_noise")
+                             f"boundary_ratio {ratio}): set model.expert to high_noise, low_noise or both")
         return spec
-    if expert not in EXPERTS:
-        raise BuildError(f"model.expert must be one of {EXPERTS}, got {expert!r}")
+    if expert not in (*EXPERTS, BOTH):
+        raise BuildError(f"model.expert must be one of {(*EXPERTS, BOTH)}, got {expert!r}")
     if ratio is None:
         raise BuildError(f"model.expert={expert!r} needs a two-expert pipeline folder (model_index.json with "
                          f"transformer_2 and boundary_ratio, e.g. Wan2.2-T2V-A14B-Diffusers); {spec.pretrained} is not")
+    if expert == BOTH:
+        return replace(spec, both_experts=True, expert_range=None)
+    spec = replace(spec, both_experts=False)
     if expert == "high_noise":
         return replace(spec, pretrained=str(Path(spec.pretrained) / "transformer"), expert_range=(ratio, 1.0))
     return replace(spec, pretrained=str(Path(spec.pretrained) / "transformer_2"), expert_range=(0.0, ratio))
@@ -359,6 +367,10 @@ def build_model(family, spec: ModelSpec, dims, *, ac: ACConfig | None = None, fs
     shard=False leaves the weights replicated (sampling): SP processors only, every rank loads everything.
     """
     fsdp, offload = fsdp or FSDPConfig(), offload or OffloadConfig()
+    if spec.both_experts:
+        raise BuildError(f"model.expert=both: {spec.pretrained} holds two experts and this recipe builds one model; "
+                         f"train them with recipe finetune, or one expert per job (model.expert high_noise / "
+                         f"low_noise)")
     model = construct(family, spec)
     if spec.storage_dtype:
         apply_storage(model, family.blocks(model), spec.storage_dtype, DTYPES[fsdp.param_dtype])

@@ -71,8 +71,9 @@ class ModelConfig:
     variant: str | None = None  # diffusers weight variant, e.g. fp16 -> diffusion_pytorch_model.fp16.safetensors
     allow_pickle: bool = False  # accept pickled .bin weights (they can run code when loaded)
     # two-expert pipelines (Wan 2.2 A14B): the expert this job trains, high_noise (transformer/) or low_noise
-    # (transformer_2/); training times are drawn only from its noise levels
-    expert: Literal["high_noise", "low_noise"] | None = None
+    # (transformer_2/); training times are drawn only from its noise levels. both: one job trains both, each step
+    # the expert that owns that step's drawn time (recipe finetune)
+    expert: Literal["high_noise", "low_noise", "both"] | None = None
     # LoRA: the frozen block linears stored in float8_e4m3fn / float8_e5m2 / bfloat16, upcast per layer to
     # fsdp.param_dtype (fastpost/storage.py); None: stored in dtype
     storage_dtype: Literal["float8_e4m3fn", "float8_e5m2", "bfloat16"] | None = None
@@ -471,13 +472,21 @@ class Trainer:
         return path
 
     def _export(self, suffix: str) -> Path:
+        path = self._export_one(self.model, "lora", "transformer", suffix)
+        # a recipe's further trained models (recipe.extra_exports(), e.g. a second expert): <out>/lora_<name> or
+        # <out>/<name>, in the same formats
+        for name, module in self.recipe.extra_exports().items():
+            self._export_one(module, f"lora_{name}", name, suffix)
+        return path
+
+    def _export_one(self, model, lora_name: str, full_name: str, suffix: str) -> Path:
         if self.cfg.lora.enabled:
-            path = self.out / f"lora{suffix}"
-            export_lora(self.model, path, self.family.pipeline_class)
-            save_comfy_lora(self.model, self.family, path / COMFY_LORA_FILE)
+            path = self.out / f"{lora_name}{suffix}"
+            export_lora(model, path, self.family.pipeline_class)
+            save_comfy_lora(model, self.family, path / COMFY_LORA_FILE)
         else:
-            path = self.out / f"transformer{suffix}"
-            save_transformer(self.model, path)
+            path = self.out / f"{full_name}{suffix}"
+            save_transformer(model, path)
         return path
 
     def close(self) -> None:

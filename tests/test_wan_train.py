@@ -175,7 +175,7 @@ def test_one_expert_per_job_of_a_two_expert_pipeline(shards, tmp_path):
         times = [json.loads(line)["t_mean"] for line in (tmp_path / expert / "metrics.jsonl").read_text().splitlines()
                  if "t_mean" in line]
         assert len(times) == 3 and all(inside(c) for c in times), (expert, times)
-    with pytest.raises(BuildError, match="set model.expert to high_noise or low_noise"):
+    with pytest.raises(BuildError, match="set model.expert to high_noise, low_noise or both"):
         Trainer(from_dict(TrainConfig, job(tmp_path / "none", shards, model=model)))
     # the low-noise expert's LoRA: WanPipeline.load_lora_weights(load_into_transformer_2=True) and `fastpost sample`
     # with model.expert=low_noise sample the same video, which differs from the base pipeline's
@@ -203,3 +203,95 @@ def test_one_expert_per_job_of_a_two_expert_pipeline(shards, tmp_path):
 
     with pytest.raises(SampleError, match="set model.expert"):
         sample(lora=str(tmp_path / "low_lora" / "lora"))
+
+
+def _expert_records(out) -> dict[int, dict]:
+    import json
+
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if any(k.startswith("loss_") for k in r)}
+
+
+def test_both_experts_in_one_job_train_the_expert_owning_each_steps_time(shards, tmp_path):
+    """model.expert=both on a two-expert pipeline (boundary 0.5, uniform times): each step trains only the expert
+    owning its drawn time (the other's weights and AdamW state are bit-identical across that step, and the step's
+    times lie on the expert's side); both LoRAs load in WanPipeline (transformer and transformer_2) and give the
+    trained experts' outputs; a fresh trainer resumed at step 3 ends bit-identical to the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from diffusers import WanPipeline
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from fastpost.builder import BuildError
+    from fastpost.lora import LoRAConfig, inject_lora
+    from fastpost.tiny import build_tiny_pipeline
+    from tests._parity import make_model
+    from tests.test_trainer import _final_state
+
+    single = WanPipeline.from_pretrained(build_tiny_pipeline(tmp_path / "pipe", "wan", "debug"))
+    pipe = tmp_path / "a14b"
+    WanPipeline(tokenizer=single.tokenizer, text_encoder=single.text_encoder, vae=single.vae,
+                scheduler=single.scheduler, transformer=single.transformer,
+                transformer_2=make_model(FAMILY, "debug", seed=1), boundary_ratio=0.5).save_pretrained(pipe)
+    model = {"family": "wan", "flavor": None, "pretrained": str(pipe), "expert": "both"}
+
+    def both(out, steps, **ckpt):
+        return job(out, shards, steps=steps, lora=LORA, model=model, recipe_args={"timestep_sampling": "uniform"},
+                   checkpoint={"every_steps": 1, "keep_last": 10, **ckpt})
+
+    run_distributed(_fit_all, 1, [both(tmp_path / "ref", 6), both(tmp_path / "run", 3)])
+    run_distributed(_fit_all, 1, [both(tmp_path / "run", 6, resume="latest")])
+    ref = _expert_records(tmp_path / "ref")
+    assert sorted(ref) == list(range(1, 7))
+    phases = {s: next(k[len("loss_"):] for k in r if k.startswith("loss_")) for s, r in ref.items()}
+    assert set(phases.values()) == {"high_noise", "low_noise"}, phases
+    for s, phase in phases.items():
+        c = ref[s][f"t_mean_{phase}"]
+        assert (c >= 0.5) if phase == "high_noise" else (c < 0.5), (s, phase, c)
+    ckpts = sorted((tmp_path / "ref" / "checkpoints").glob("step_*"))
+    states = [_state(c) for c in ckpts]
+    prefixes = {"high_noise": ("model.", "optim.state."),
+                "low_noise": ("trainables.model_2.model.", "trainables.model_2.optim.state.")}
+    for s in range(2, 7):  # step s: checkpoint s-1 -> s; the LR schedules (param_groups) advance for both
+        before, after = states[s - 2], states[s - 1]
+        for expert, owned in prefixes.items():
+            keys = {k for k in (*before, *after) if k.startswith(owned)}
+            assert any(k.startswith(owned[0]) for k in keys), expert
+            same = all(k in before and k in after and (torch.equal(before[k], after[k])
+                       if isinstance(before[k], torch.Tensor) else before[k] == after[k]) for k in keys)
+            assert same == (expert != phases[s]), (s, phases[s], expert)
+    # resumed == uninterrupted: every step's loss and the final checkpoint's every tensor
+    run = _expert_records(tmp_path / "run")
+    assert {s: r[f"loss_{phases[s]}"] for s, r in run.items()} == {s: r[f"loss_{phases[s]}"] for s, r in ref.items()}
+    a, b = _final_state(tmp_path / "ref"), _final_state(tmp_path / "run")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    # the exports: lora/ into transformer, lora_transformer_2/ into transformer_2 == the trained experts
+    g = torch.Generator().manual_seed(7)
+    x, emb = torch.randn(1, *LATENT, generator=g), torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g)
+    t = torch.tensor([500])
+    loaded, base = WanPipeline.from_pretrained(pipe), WanPipeline.from_pretrained(pipe)
+    loaded.load_lora_weights(tmp_path / "ref" / "lora")
+    loaded.load_lora_weights(tmp_path / "ref" / "lora_transformer_2", load_into_transformer_2=True)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    for name, sub, attr in (("model", "transformer", "transformer"), ("model_2", "transformer_2", "transformer_2")):
+        ours = FAMILY.diffusers_class.from_pretrained(pipe / sub)
+        inject_lora(ours, from_dict(LoRAConfig, LORA), FAMILY.lora_target_modules)
+        sd = get_model_state_dict(ours, options=options)
+        dcp.load({"model": sd} if name == "model" else {"trainables": {name: {"model": sd}}},
+                 checkpoint_id=str(ckpts[-1]))
+        set_model_state_dict(ours, sd, options=options)
+        with torch.no_grad():
+            want = FAMILY.predict(ours, x, t, emb)
+            got = FAMILY.predict(getattr(loaded, attr), x, t, emb)
+            untrained = FAMILY.predict(getattr(base, attr), x, t, emb)
+        assert (untrained - want).abs().max() > 1e-4, f"{name}: the LoRA changed nothing"
+        assert (got - want).abs().max() <= 1e-5, name
+    with pytest.raises(BuildError, match="needs a two-expert pipeline folder"):
+        Trainer(from_dict(TrainConfig, job(tmp_path / "single", shards, model={"expert": "both"})))
+
+
+def _state(ckpt) -> dict:
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return flatten_state_dict(_load_state_dict_from_keys(checkpoint_id=str(ckpt)))[0]

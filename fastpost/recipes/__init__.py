@@ -91,6 +91,11 @@ class Recipe(abc.ABC):
     def export_model(self) -> nn.Module:
         return next(iter(self.trainables().values())).module
 
+    def extra_exports(self) -> dict[str, nn.Module]:
+        """Further trained models the trainer exports next to export_model(), name -> module: <out>/lora_<name>
+        (LoRA) or <out>/<name> (full), e.g. {"transformer_2": the low-noise expert of a two-expert pipeline}."""
+        return {}
+
 
 def get_recipe(name: str) -> type[Recipe]:
     module_name = name if "." in name else f"{__name__}.{name}"

@@ -10,6 +10,13 @@ sqrt(1 - a_t) v_hat shows that is exactly the v-loss above.)
 With learned_weighting (EDM2, Karras et al. 2024): a small net u(t) learns the log-variance of the loss at each
 noise level, and the objective becomes  mean_i ( ||v_theta - target||^2_i / exp(u(t_i)) + u(t_i) ),
 which balances noise levels automatically; u has its own optimizer ("weighting").
+
+Two-expert models (Wan 2.2 A14B, model.expert=both): both experts train in one job, each with its own optimizer.
+Each step draws one time s from the job's time distribution with a generator seeded by (seed, step), the same on
+every rank, and that step trains only the expert owning s (high noise: s >= boundary_ratio, low noise: below).
+So each step trains the high-noise expert with probability P(s >= boundary_ratio) under the time distribution and
+the low-noise one otherwise, and the samples' times are that distribution conditioned on the expert's side: over
+the run each expert sees exactly the times it would denoise in the pipeline, in their original proportions.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastpost.builder import expert_spec, pipeline_boundary_ratio
 from fastpost.data.checks import objective_scheduler_config
 from fastpost.data.shards import read_empty_prompt
 from fastpost.noise import randn_on
@@ -117,7 +125,12 @@ class Finetune(Recipe):
     def __init__(self, cfg: FinetuneConfig, ctx: RecipeContext):
         super().__init__(cfg, ctx)
         self.family = ctx.family
-        self.model = ctx.build(ctx.spec)
+        # model.expert=both: the high-noise expert (transformer/) is `model`, the low-noise one (transformer_2/)
+        # `model_2`; otherwise one model
+        self.both = bool(getattr(ctx.spec, "both_experts", False))
+        self.model = ctx.build(expert_spec(ctx.spec, "high_noise") if self.both else ctx.spec)
+        self.model_2 = ctx.build(expert_spec(ctx.spec, "low_noise")) if self.both else None
+        self.boundary = pipeline_boundary_ratio(ctx.spec.pretrained) if self.both else None
         self.weighting = None
         if cfg.learned_weighting:
             self.weighting = ctx.build_module(LossWeighting(cfg.weighting_channels))
@@ -132,19 +145,73 @@ class Finetune(Recipe):
         self.expert_range = getattr(ctx.spec, "expert_range", None)
         if self.expert_range is not None and self.noise.prediction_type != "flow_matching":
             raise ValueError("model.expert (one expert of a two-expert model) needs a flow-matching family")
+        if self.both:
+            if self.noise.prediction_type != "flow_matching":
+                raise ValueError("model.expert=both (a two-expert model) needs a flow-matching family")
+            if ctx.train_cfg is not None and ctx.train_cfg.ema_decay:
+                raise ValueError("ema_decay follows one model; with model.expert=both train without it (or one "
+                                 "expert per job: model.expert high_noise / low_noise)")
+            if ctx.train_cfg is not None and ctx.train_cfg.validation.every_steps:
+                raise ValueError("validation samples one model; with model.expert=both set validation.every_steps "
+                                 "to 0 and sample the exports (lora/ and lora_transformer_2/) afterwards")
+        self.seed = ctx.train_cfg.seed if ctx.train_cfg is not None else 0
 
     def trainables(self):
         out = {"model": Trainable(self.model)}
+        if self.both:
+            out["model_2"] = Trainable(self.model_2)
         if self.weighting is not None:
             out["weighting"] = Trainable(self.weighting, {"lr": self.cfg.weighting_lr, "weight_decay": 0.0})
         return out
+
+    # ---- model.expert=both: one phase per step, named after the expert that owns the step's drawn time ----------
+    EXPERT_MODELS = {"high_noise": "model", "low_noise": "model_2"}
+
+    def phases(self, step):
+        if not self.both:
+            return ["train"]
+        # seeded by (seed, step) only: every rank (and a resumed run) trains the same expert at this step; the
+        # offset keeps it off the stream of batch `step`'s noise (trainer.batch_generator)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step + 7919)
+        s = self.noise.sample_times(1, g, self.cfg)
+        return ["high_noise" if float(s[0]) >= self.boundary else "low_noise"]
+
+    def phase_trainables(self, phase):
+        names = list(self.trainables())
+        if not self.both:
+            return names
+        other = self.EXPERT_MODELS["low_noise" if phase == "high_noise" else "high_noise"]
+        return [n for n in names if n != other]
+
+    def extra_exports(self):
+        # the low-noise expert, loadable with WanPipeline.load_lora_weights(..., load_into_transformer_2=True)
+        return {"transformer_2": self.model_2} if self.both else {}
+
+    def _times_on_side(self, n, generator, phase):
+        """n times from the job's time distribution conditioned on the phase's expert's side of the boundary, by
+        rejection on the host (no device sync; deterministic in the generator, so SP peers and resumes agree)."""
+        kept, count = [], 0
+        for _ in range(10_000):
+            s = self.noise.sample_times(max(64, n), generator, self.cfg)
+            s = s[s >= self.boundary] if phase == "high_noise" else s[s < self.boundary]
+            kept.append(s)
+            count += len(s)
+            if count >= n:
+                return torch.cat(kept)[:n]
+        raise ValueError(f"the time distribution (recipe_args) puts almost no mass on the {phase} expert's side of "
+                         f"boundary_ratio {self.boundary}: widen logit_std or change flow_shift")
 
     def loss(self, batch, generator, phase="train"):
         # Randomness comes from the CPU generator (identical on SP peers): the noise is drawn on the device from a
         # seed it gives, the few times are drawn on the host and copied without blocking.
         x0 = batch["latents"].float()
         eps = randn_on(x0.shape, generator, x0.device)
-        t = self.noise.sample_times(x0.shape[0], generator, self.cfg).to(x0.device, non_blocking=True)
+        if self.both:
+            if phase not in self.EXPERT_MODELS:
+                raise ValueError(f"model.expert=both trains phases {list(self.EXPERT_MODELS)}, got {phase!r}")
+            t = self._times_on_side(x0.shape[0], generator, phase).to(x0.device, non_blocking=True)
+        else:
+            t = self.noise.sample_times(x0.shape[0], generator, self.cfg).to(x0.device, non_blocking=True)
         if self.expert_range is not None:  # one expert of a two-expert model: its noise levels only
             lo, hi = self.expert_range
             t = lo + (hi - lo) * t  # the job's time distribution, mapped onto the expert's interval
@@ -154,7 +221,8 @@ class Finetune(Recipe):
         embeds, mask = self.dropout(batch["prompt_embeds"], batch["prompt_attention_mask"], generator)
         # image-to-video: the first frame's conditioning (empty for text-to-video shards)
         cond = drop_conditioning(conditioning(batch, x0.device), self.cfg.image_dropout, generator)
-        pred = self.family.predict(self.model, x_t, timestep, embeds, mask, **({"cond": cond} if cond else {}))
+        model = self.model_2 if phase == "low_noise" else self.model
+        pred = self.family.predict(model, x_t, timestep, embeds, mask, **({"cond": cond} if cond else {}))
         target = self.noise.target(x0, eps, t)
         c = timestep.float() / 1000  # the noise level in [0, 1]
         if self.weighting is None:
