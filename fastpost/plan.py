@@ -335,14 +335,13 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     run (the validation): torch's AdamW is then the per-tensor loop, whose temporaries are two copies of the
     largest tensor instead of the foreach kernels' one copy of everything."""
     from fastpost.models import get_family
+    from fastpost.optim import state_bytes
 
     family = get_family(cfg.model.family)
     world = world or cfg.plan.gpus
     shard, sp, dp_shard = _layout(cfg, world)
     config = model_config(family, cfg)
     facts = model_facts(family, config, cfg.lora)
-    from fastpost.optim import state_bytes
-
     store, compute, reduce = (_BYTES[cfg.model.dtype], _BYTES[cfg.fsdp.param_dtype], _BYTES[cfg.fsdp.reduce_dtype])
     storage, offload, optim = cfg.model.storage_dtype, cfg.offload, cfg.optim.name
     if offload.any and world > 1:  # the builder's rules, so a plan never describes a job that cannot build
@@ -375,6 +374,7 @@ def plan_job(cfg, world: int | None = None, device: str = "cuda") -> Plan:
     parts.append((f"optimizer state ({optim}, {facts.trainable / 1e6:.1f}M trainable"
                   f"{', on the host' if optim == 'adamw_offload' else ''})",
                   on_gpu_state * state_bytes(optim, facts.trainable_shapes, store) / shard))
+    parts += [(f"second expert (model.expert: both): {n}", b) for n, b in parts[-2:] if cfg.model.expert == "both"]
     if storage:  # one stored layer upcast at a time (forward, and again for its input gradient)
         parts.append((f"per-layer upcast of the {storage} weights (1 layer)", facts.largest_stored * compute))
     extra_copies = int(bool(cfg.ema_decay))

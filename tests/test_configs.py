@@ -27,7 +27,7 @@ ONE_GPU = {"cogvideox/2b_lora_8gb.yaml", "cogvideox/2b_lora_16gb.yaml", "cogvide
 EXPECTED = {"cogvideox/lora_2b.yaml", "cogvideox/lora_5b.yaml", "cogvideox/full_5b.yaml",
             "cogvideox/distill_5b.yaml", "cogvideox/lora_1.5_5b.yaml", "mochi/lora.yaml", "mochi/distill.yaml",
             "cogvideox/i2v_5b_lora.yaml", "wan/t2v_1.3b_lora.yaml", "wan/t2v_14b_lora_8gpu.yaml",
-            "wan/i2v_14b_lora.yaml",
+            "wan/i2v_14b_lora.yaml", "wan/t2v_a14b_lora_8gpu.yaml",
             "pyramid_flux/lora_384p_8gpu.yaml", "pyramid_flux/lora_384p_2gpu.yaml",
             "pyramid_flux/lora_768p_8gpu.yaml", "pyramid_flux/lora_768p_2gpu.yaml", *ONE_GPU}
 
