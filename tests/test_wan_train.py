@@ -238,7 +238,8 @@ def test_both_experts_in_one_job_train_the_expert_owning_each_steps_time(shards,
         return job(out, shards, steps=steps, lora=LORA, model=model, recipe_args={"timestep_sampling": "uniform"},
                    checkpoint={"every_steps": 1, "keep_last": 10, **ckpt})
 
-    run_distributed(_fit_all, 1, [both(tmp_path / "ref", 6)])
+    full = job(tmp_path / "full", shards, steps=2, model=model, recipe_args={"timestep_sampling": "uniform"})
+    run_distributed(_fit_all, 1, [both(tmp_path / "ref", 6), full])
     import shutil
 
     for step in (1, 2, 3):  # a fresh trainer resumes from the uninterrupted run's step-3 checkpoint
@@ -293,6 +294,15 @@ def test_both_experts_in_one_job_train_the_expert_owning_each_steps_time(shards,
             got = FAMILY.predict(getattr(loaded, attr), x, t, emb)
         assert (untrained[attr] - want).abs().max() > 1e-4, f"{name}: the LoRA changed nothing"
         assert (got - want).abs().max() <= 1e-5, name
+    # full: transformer/ and transformer_2/ are the final checkpoint's experts; the one no step drew is the source's
+    drawn = {next(k[len("loss_"):] for k in r if k.startswith("loss_")) for r in _expert_records(tmp_path / "full").values()}
+    final = _final_state(tmp_path / "full")
+    for expert, sub, prefix in (("high_noise", "transformer", "model."), ("low_noise", "transformer_2",
+                                                                          "trainables.model_2.model.")):
+        exported = FAMILY.diffusers_class.from_pretrained(tmp_path / "full" / sub).state_dict()
+        source = FAMILY.diffusers_class.from_pretrained(pipe / sub).state_dict()
+        assert all(torch.equal(exported[k], final[prefix + k]) for k in source), sub
+        assert all(torch.equal(exported[k], source[k]) for k in source) == (expert not in drawn), (sub, drawn)
     with pytest.raises(BuildError, match="needs a two-expert pipeline folder"):
         Trainer(from_dict(TrainConfig, job(tmp_path / "single", shards, model={"expert": "both"})))
 
