@@ -101,6 +101,11 @@ def main() -> None:
     p.add_argument("--dmd-lr", type=float, default=5e-5)  # generator; the critic runs at 3e-4
     p.add_argument("--no-backward-simulation", action="store_true")
     p.add_argument("--dmd-renoise", choices=["ddim", "fresh"], default="ddim")
+    p.add_argument("--dmd-regression-weight", type=float, default=0.0)  # DMD v1's paired teacher-ODE regression
+    p.add_argument("--dmd-real-guidance", type=float, default=1.0)
+    p.add_argument("--critic-lr", type=float, default=3e-4)
+    p.add_argument("--students", default="pcm,dmd2,mcm",
+                   help="students to train; the others are loaded from --workdir (their earlier run)")
     p.add_argument("--mcm-raw-weight", type=float, default=1.0)
     p.add_argument("--mcm-adv-weight", type=float, default=0.1)
     p.add_argument("--mcm-disc-lr", type=float, default=2e-4)
@@ -137,17 +142,27 @@ def main() -> None:
     student = {**common["model"], "pretrained": teacher_dir}
     pcm_args = {"teacher": teacher_dir, "num_teacher_steps": 50, "phases": 4, "skip_steps": 5, "target": "ema",
                 "ema_decay": 0.95, "huber_c": 1e-3}
-    logs["pcm"] = train({**common, "output_dir": str(work / "pcm"), "steps": args.distill_steps, "recipe": "distill",
-                         "model": student, "recipe_args": pcm_args, "optim": {"lr": 3e-4, "warmup_steps": 20}})
-    logs["dmd2"] = train({
+    todo = set(args.students.split(","))
+
+    def train_or_load(name, cfg):
+        if name in todo:
+            return train(cfg)
+        return [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+
+    logs["pcm"] = train_or_load("pcm", {**common, "output_dir": str(work / "pcm"), "steps": args.distill_steps,
+                                        "recipe": "distill", "model": student, "recipe_args": pcm_args,
+                                        "optim": {"lr": 3e-4, "warmup_steps": 20}})
+    logs["dmd2"] = train_or_load("dmd2", {
         **common, "output_dir": str(work / "dmd2"), "steps": args.dmd_steps, "recipe": "dmd2", "model": student,
         "recipe_args": {"teacher": teacher_dir, "num_teacher_steps": 50, "generator_steps": 4,
                         "renoise": args.dmd_renoise,
-                        "critic_updates": args.critic_updates, "critic": "full", "critic_optim": {"lr": 3e-4},
+                        "critic_updates": args.critic_updates, "critic": "full",
+                        "critic_optim": {"lr": args.critic_lr}, "real_guidance": args.dmd_real_guidance,
+                        "regression_weight": args.dmd_regression_weight,
                         "backward_simulation": not args.no_backward_simulation},
         "optim": {"lr": args.dmd_lr, "warmup_steps": 20, "betas": [0.0, 0.99]},
     })
-    logs["mcm"] = train({
+    logs["mcm"] = train_or_load("mcm", {
         **common, "output_dir": str(work / "mcm"), "steps": args.distill_steps, "recipe": "mcm", "model": student,
         "recipe_args": {**pcm_args, "images": str(image_shards), "image_batch_size": 4, "image_mix": 1.0,
                         "adv_weight": args.mcm_adv_weight, "raw_weight": args.mcm_raw_weight,
@@ -214,6 +229,8 @@ def main() -> None:
     losses = {"teacher loss": first_last(logs["teacher"], "loss"), "PCM loss": first_last(logs["pcm"], "loss"),
               "DMD2 critic denoising": first_last(logs["dmd2"], "denoise_critic"),
               "DMD2 generator (DMD) loss": first_last(logs["dmd2"], "dmd_generator"),
+              **({"DMD2 regression loss": first_last(logs["dmd2"], "regression_generator")}
+                 if args.dmd_regression_weight > 0 else {}),
               "MCM motion loss": first_last(logs["mcm"], "motion_student"),
               "MCM discriminator loss": first_last(logs["mcm"], "loss_disc")}
     result = {"args": vars(args), "table": table, "targets": targets, "loss_first_last_20": losses,
