@@ -5,7 +5,8 @@
 1. tiny CogVideoX pipeline + synthetic videos -> latent shards (the demo's data stages), and an image set:
    synthetic stills encoded by the same VAE into single-frame latent shards (MCM's appearance data)
 2. train a teacher (full finetune, v-prediction) on the video shards, export it
-3. distill three 4-step students from it: PCM (recipe distill), DMD2 (recipe dmd2), MCM (recipe mcm)
+3. distill three 4-step students from it: PCM (recipe distill), DMD2 (recipe dmd2, with DMD v1's regression on
+   the teacher's 50-step ODE outputs from the same noise, weight --dmd-regression-weight), MCM (recipe mcm)
 4. on held-out prompts x noise seeds, per sampler: latent MSE and SSIM of decoded frames to the teacher's 50-step
    output (same prompt and noise), diversity (per-prompt variance over seeds / the teacher@50's), and the frame
    proxy: the distance of per-frame latent statistics (channel means and stds) to the image set's. Prints one
@@ -95,13 +96,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="outputs/distill_proof")
     p.add_argument("--teacher-steps", type=int, default=400)
-    p.add_argument("--distill-steps", type=int, default=400)  # PCM and MCM
-    p.add_argument("--dmd-steps", type=int, default=300)  # generator updates (each after --critic-updates)
-    p.add_argument("--critic-updates", type=int, default=5)
-    p.add_argument("--dmd-lr", type=float, default=5e-5)  # generator; the critic runs at 3e-4
+    p.add_argument("--distill-steps", type=int, default=300)  # PCM and MCM
+    p.add_argument("--dmd-steps", type=int, default=150)  # generator updates (each after --critic-updates)
+    p.add_argument("--critic-updates", type=int, default=2)
+    p.add_argument("--dmd-lr", type=float, default=2e-4)  # generator; the critic: --critic-lr
     p.add_argument("--no-backward-simulation", action="store_true")
     p.add_argument("--dmd-renoise", choices=["ddim", "fresh"], default="ddim")
-    p.add_argument("--dmd-regression-weight", type=float, default=0.0)  # DMD v1's paired teacher-ODE regression
+    p.add_argument("--dmd-regression-weight", type=float, default=1.0)  # DMD v1's paired teacher-ODE regression
+    p.add_argument("--dmd-weight", type=float, default=1.0)  # 0: regression only (an ablation)
     p.add_argument("--dmd-real-guidance", type=float, default=1.0)
     p.add_argument("--critic-lr", type=float, default=3e-4)
     p.add_argument("--students", default="pcm,dmd2,mcm",
@@ -158,7 +160,7 @@ def main() -> None:
                         "renoise": args.dmd_renoise,
                         "critic_updates": args.critic_updates, "critic": "full",
                         "critic_optim": {"lr": args.critic_lr}, "real_guidance": args.dmd_real_guidance,
-                        "regression_weight": args.dmd_regression_weight,
+                        "regression_weight": args.dmd_regression_weight, "dmd_weight": args.dmd_weight,
                         "backward_simulation": not args.no_backward_simulation},
         "optim": {"lr": args.dmd_lr, "warmup_steps": 20, "betas": [0.0, 0.99]},
     })
