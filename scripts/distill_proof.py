@@ -5,7 +5,8 @@
 1. tiny CogVideoX pipeline + synthetic videos -> latent shards (the demo's data stages), and an image set:
    synthetic stills encoded by the same VAE into single-frame latent shards (MCM's appearance data)
 2. train a teacher (full finetune, v-prediction) on the video shards, export it
-3. distill three 4-step students from it: PCM (recipe distill), DMD2 (recipe dmd2), MCM (recipe mcm)
+3. distill three 4-step students from it: PCM (recipe distill), DMD2 (recipe dmd2, with DMD v1's regression on
+   the teacher's 50-step ODE outputs from the same noise, weight --dmd-regression-weight), MCM (recipe mcm)
 4. on held-out prompts x noise seeds, per sampler: latent MSE and SSIM of decoded frames to the teacher's 50-step
    output (same prompt and noise), diversity (per-prompt variance over seeds / the teacher@50's), and the frame
    proxy: the distance of per-frame latent statistics (channel means and stds) to the image set's. Prints one
@@ -95,12 +96,18 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="outputs/distill_proof")
     p.add_argument("--teacher-steps", type=int, default=400)
-    p.add_argument("--distill-steps", type=int, default=400)  # PCM and MCM
-    p.add_argument("--dmd-steps", type=int, default=300)  # generator updates (each after --critic-updates)
-    p.add_argument("--critic-updates", type=int, default=5)
-    p.add_argument("--dmd-lr", type=float, default=5e-5)  # generator; the critic runs at 3e-4
+    p.add_argument("--distill-steps", type=int, default=300)  # PCM and MCM
+    p.add_argument("--dmd-steps", type=int, default=150)  # generator updates (each after --critic-updates)
+    p.add_argument("--critic-updates", type=int, default=2)
+    p.add_argument("--dmd-lr", type=float, default=2e-4)  # generator; the critic: --critic-lr
     p.add_argument("--no-backward-simulation", action="store_true")
     p.add_argument("--dmd-renoise", choices=["ddim", "fresh"], default="ddim")
+    p.add_argument("--dmd-regression-weight", type=float, default=1.0)  # DMD v1's paired teacher-ODE regression
+    p.add_argument("--dmd-weight", type=float, default=1.0)  # 0: regression only (an ablation)
+    p.add_argument("--dmd-real-guidance", type=float, default=1.0)
+    p.add_argument("--critic-lr", type=float, default=3e-4)
+    p.add_argument("--students", default="pcm,dmd2,mcm",
+                   help="students to train; the others are loaded from --workdir (their earlier run)")
     p.add_argument("--mcm-raw-weight", type=float, default=1.0)
     p.add_argument("--mcm-adv-weight", type=float, default=0.1)
     p.add_argument("--mcm-disc-lr", type=float, default=2e-4)
@@ -137,17 +144,27 @@ def main() -> None:
     student = {**common["model"], "pretrained": teacher_dir}
     pcm_args = {"teacher": teacher_dir, "num_teacher_steps": 50, "phases": 4, "skip_steps": 5, "target": "ema",
                 "ema_decay": 0.95, "huber_c": 1e-3}
-    logs["pcm"] = train({**common, "output_dir": str(work / "pcm"), "steps": args.distill_steps, "recipe": "distill",
-                         "model": student, "recipe_args": pcm_args, "optim": {"lr": 3e-4, "warmup_steps": 20}})
-    logs["dmd2"] = train({
+    todo = set(args.students.split(","))
+
+    def train_or_load(name, cfg):
+        if name in todo:
+            return train(cfg)
+        return [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+
+    logs["pcm"] = train_or_load("pcm", {**common, "output_dir": str(work / "pcm"), "steps": args.distill_steps,
+                                        "recipe": "distill", "model": student, "recipe_args": pcm_args,
+                                        "optim": {"lr": 3e-4, "warmup_steps": 20}})
+    logs["dmd2"] = train_or_load("dmd2", {
         **common, "output_dir": str(work / "dmd2"), "steps": args.dmd_steps, "recipe": "dmd2", "model": student,
         "recipe_args": {"teacher": teacher_dir, "num_teacher_steps": 50, "generator_steps": 4,
                         "renoise": args.dmd_renoise,
-                        "critic_updates": args.critic_updates, "critic": "full", "critic_optim": {"lr": 3e-4},
+                        "critic_updates": args.critic_updates, "critic": "full",
+                        "critic_optim": {"lr": args.critic_lr}, "real_guidance": args.dmd_real_guidance,
+                        "regression_weight": args.dmd_regression_weight, "dmd_weight": args.dmd_weight,
                         "backward_simulation": not args.no_backward_simulation},
         "optim": {"lr": args.dmd_lr, "warmup_steps": 20, "betas": [0.0, 0.99]},
     })
-    logs["mcm"] = train({
+    logs["mcm"] = train_or_load("mcm", {
         **common, "output_dir": str(work / "mcm"), "steps": args.distill_steps, "recipe": "mcm", "model": student,
         "recipe_args": {**pcm_args, "images": str(image_shards), "image_batch_size": 4, "image_mix": 1.0,
                         "adv_weight": args.mcm_adv_weight, "raw_weight": args.mcm_raw_weight,
@@ -214,6 +231,8 @@ def main() -> None:
     losses = {"teacher loss": first_last(logs["teacher"], "loss"), "PCM loss": first_last(logs["pcm"], "loss"),
               "DMD2 critic denoising": first_last(logs["dmd2"], "denoise_critic"),
               "DMD2 generator (DMD) loss": first_last(logs["dmd2"], "dmd_generator"),
+              **({"DMD2 regression loss": first_last(logs["dmd2"], "regression_generator")}
+                 if args.dmd_regression_weight > 0 else {}),
               "MCM motion loss": first_last(logs["mcm"], "motion_student"),
               "MCM discriminator loss": first_last(logs["mcm"], "loss_disc")}
     result = {"args": vars(args), "table": table, "targets": targets, "loss_first_last_20": losses,

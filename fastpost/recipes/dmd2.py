@@ -14,7 +14,8 @@ One generator update, data x0, a step s = s_k (k ~ U{0..K-1}):
     t ~ U[t_min, t_max] on a fine grid of the training schedule,  x_t = a_t x_g + b_t eps'
     real  = x0_hat(teacher^w(x_t, t)),  fake = x0_hat(critic(x_t, t))          (no gradient)
     grad  = (fake - real) / mean(|x_g - real|)                                 (DMD's per-sample normaliser)
-    loss  = 0.5 ||x_g - sg(x_g - grad)||^2  [+ gan_weight * softplus(-D(critic(x_t(x_g), t)))]
+    loss  = dmd_weight 0.5 ||x_g - sg(x_g - grad)||^2  [+ gan_weight * softplus(-D(critic(x_t(x_g), t)))]
+            [+ regression_weight ||x0_hat(G(x_{s_k}(z), s_k)) - ODE_teacher^w(z)||^2]   (DMD v1's paired loss)
 whose gradient with respect to x_g is the DMD gradient: the difference of the two scores. Then `critic_updates`
 critic updates, each on a fresh generator sample (no gradient into G):
     loss  = ||critic(x_t, t) - target(x_g, eps', t)||^2   (the family's own denoising objective)
@@ -37,7 +38,7 @@ from fastpost.distributed.fsdp import reshard_all
 from fastpost.lora import LoRAConfig, set_active_adapter
 from fastpost.noise import OdeGrid, make_grid, phase_edges
 from fastpost.recipes import Recipe, RecipeContext, Trainable
-from fastpost.recipes.distill import _lora_layers, guided_prediction
+from fastpost.recipes.distill import _lora_layers, guided_prediction, phased_sample
 
 
 CRITIC = "critic"  # the critic's adapter name when it shares the generator's frozen base
@@ -60,6 +61,10 @@ class DMD2Config:
     gan_weight: float = 0.0  # > 0: a GAN head on the critic's output; generator's adversarial loss weight
     gan_critic_weight: float = 0.0  # the head's (and critic's) classification loss weight
     backward_simulation: bool = False  # generator inputs from its own rollout (no grad) instead of noised data
+    dmd_weight: float = 1.0  # weight of the distribution-matching loss (0: regression only)
+    # > 0: DMD (v1)'s regression loss: from noise z, the teacher's num_teacher_steps-step ODE output (real score,
+    # no grad) is the target of the generator's clean estimate at its own rollout from the same z
+    regression_weight: float = 0.0
     negative_text_encoder: str | None = None  # re-encode "" for CFG instead of the shards' stored encoding
 
 
@@ -133,6 +138,9 @@ class DMD2(Recipe):
         super().__init__(cfg, ctx)
         if cfg.critic_updates < 0 or cfg.generator_steps < 1:
             raise ValueError("recipe_args.critic_updates must be >= 0 and generator_steps >= 1")
+        if cfg.dmd_weight < 0 or cfg.regression_weight < 0 or cfg.dmd_weight + cfg.regression_weight == 0:
+            raise ValueError(f"recipe_args.dmd_weight ({cfg.dmd_weight}) and regression_weight "
+                             f"({cfg.regression_weight}) must be >= 0, one of them > 0")
         if not 0.0 <= cfg.t_min < cfg.t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {cfg.t_min}, {cfg.t_max}")
         spec, self.family = ctx.spec, ctx.family
@@ -229,17 +237,7 @@ class DMD2(Recipe):
         eps = torch.randn(x0_data.shape, generator=generator, dtype=torch.float64).to(x0_data.device)
         s = self.edges[k]
         if self.cfg.backward_simulation:
-            x = grid.b[0] * eps
-            pick = x.clone()
-            with torch.no_grad():
-                for j in range(1, self.cfg.generator_steps):
-                    src, dst = int(self.edges[j - 1]), int(self.edges[j])
-                    pred = guided_prediction(self.family, self.generator, grid, x, torch.full((bsz,), src), embeds,
-                                             mask, 1.0)
-                    x = renoise(grid, x, pred, src, dst, self.cfg.renoise, generator)
-                    pick = torch.where((k == j).view(-1, 1, 1, 1, 1).to(x.device), x, pick)
-                reshard_all(self.generator)
-            x = pick
+            x = self._rollout(eps, k, embeds, mask, generator)
         else:
             a, b = grid.coeffs(s, x0_data)
             x = a * x0_data.double() + b * eps
@@ -248,6 +246,36 @@ class DMD2(Recipe):
         if not grad:
             reshard_all(self.generator)
         return x_g
+
+    @torch.no_grad()
+    def _rollout(self, eps, k, embeds, mask, generator: torch.Generator) -> torch.Tensor:
+        """G's own sampler from noise eps to its step s_k (per sample); all K-1 steps run on every rank."""
+        grid, bsz = self.grid, eps.shape[0]
+        x = grid.b[0] * eps
+        pick = x.clone()
+        for j in range(1, self.cfg.generator_steps):
+            src, dst = int(self.edges[j - 1]), int(self.edges[j])
+            pred = guided_prediction(self.family, self.generator, grid, x, torch.full((bsz,), src), embeds, mask, 1.0)
+            x = renoise(grid, x, pred, src, dst, self.cfg.renoise, generator)
+            pick = torch.where((k == j).view(-1, 1, 1, 1, 1).to(x.device), x, pick)
+        reshard_all(self.generator)
+        return pick
+
+    def _regression_loss(self, x0, embeds, mask, generator: torch.Generator) -> torch.Tensor:
+        """DMD (v1)'s regression: the generator's clean estimate at its rollout from noise z, against the teacher's
+        N-step ODE output from the same z (the real score's guidance; computed here, no grad, no stored pairs)."""
+        cfg, grid, bsz = self.cfg, self.grid, x0.shape[0]
+        k = torch.randint(0, cfg.generator_steps, (bsz,), generator=generator)
+        z = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
+        w = cfg.real_guidance
+        with self._as_teacher() as teacher:
+            y = phased_sample(self.family, teacher, grid, torch.arange(grid.steps + 1), z, embeds, mask, w,
+                              self.negative(embeds, mask) if w != 1 else None)
+            if teacher is not self.generator:
+                reshard_all(teacher)
+        x = self._rollout(z, k, embeds, mask, generator)
+        x_reg = self._x0(self.generator, grid, x, self.edges[k], embeds, mask)
+        return F.mse_loss(x_reg.float(), y.float())
 
     def _noise_level(self, bsz: int, generator: torch.Generator) -> torch.Tensor:
         n = self.fine.steps
@@ -279,8 +307,13 @@ class DMD2(Recipe):
         for frozen in (self.teacher, self.critic):
             if frozen is not None and frozen is not self.generator:  # G's own forward above has a backward
                 reshard_all(frozen)
-        loss = 0.5 * F.mse_loss(x_g.float(), (x_g - grad).detach().float())
-        metrics = {"dmd": loss.detach(), "dmd_grad_abs": grad.abs().mean()}
+        dmd = 0.5 * F.mse_loss(x_g.float(), (x_g - grad).detach().float())
+        loss = cfg.dmd_weight * dmd
+        metrics = {"dmd": dmd.detach(), "dmd_grad_abs": grad.abs().mean()}
+        if cfg.regression_weight > 0:
+            reg = self._regression_loss(x0, embeds, mask, generator)
+            loss = loss + cfg.regression_weight * reg
+            metrics["regression"] = reg.detach()
         if cfg.gan_weight > 0:
             # the critic as the discriminator's feature extractor: gradients flow through it into x_g only
             with self._as_critic() as critic:
