@@ -105,9 +105,15 @@ def _train(argv: list[str]) -> None:
         _say(f"fastpost train: error: {e}")
         import torch.distributed as dist
 
+        code = e.code if isinstance(e, JobStop) else EXIT_BAD_INPUT
         if dist.is_initialized():  # a live gloo group at interpreter exit can abort the process (seen: exit -6)
             dist.destroy_process_group()
-        raise SystemExit(e.code if isinstance(e, JobStop) else EXIT_BAD_INPUT) from None
+            # and c10d's store threads still can (seen again: "terminate called without an active exception",
+            # exit -6 instead of 3): nothing else is pending here, so leave without interpreter teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise SystemExit(code) from None
     # Every stop below is decided collectively (the same on every rank), so every rank exits with the same code.
     try:
         try:

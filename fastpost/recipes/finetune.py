@@ -154,7 +154,7 @@ class Finetune(Recipe):
             if ctx.train_cfg is not None and ctx.train_cfg.validation.every_steps:
                 raise ValueError("validation samples one model; with model.expert=both set validation.every_steps "
                                  "to 0 and sample the exports (lora/ and lora_transformer_2/) afterwards")
-        self.seed = ctx.train_cfg.seed if ctx.train_cfg is not None else 0
+        self.seed = getattr(ctx.train_cfg, "seed", 0)
 
     def trainables(self):
         out = {"model": Trainable(self.model)}
