@@ -15,8 +15,10 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[dev,serve,browser]"
 	touch $(STAMP)
 
+# two pytest workers (pytest-xdist), one per core: a test file stays in one worker, so its module fixtures are
+# built once; measured 489 s -> 259 s for the suite on 2 cores
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 # the page of `fastpost serve` in headless Chromium (selenium comes with the venv); `make test` runs it too when
 # chromium is installed and says why it skipped it otherwise. Only this target rewrites docs/assets/serve.png

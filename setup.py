@@ -24,7 +24,7 @@ setup(
         "ftfy",  # diffusers' Wan pipelines clean prompts with it (fastpost.models.wan uses the same cleaning)
     ],
     extras_require={
-        "dev": ["pytest>=8", "prodigyopt>=1.1", "tensorboard>=2.14"],  # tensorboard: the validation test reads its event file
+        "dev": ["pytest>=8", "pytest-xdist>=3", "prodigyopt>=1.1", "tensorboard>=2.14"],  # tensorboard: the validation test reads its event file
         # `fastpost serve`: the page (rank 0) and its API client (tests/test_serve.py)
         "serve": ["gradio>=5", "gradio_client>=1"],
         # the real-browser test of the page (`make test-browser`; Chromium itself comes from the OS)

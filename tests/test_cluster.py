@@ -234,6 +234,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches_an_uninterrupted_run(tm
 
 
 def test_stop_signal_is_configurable_and_only_flags(tmp_path):
+    prior = signal.getsignal(signal.SIGUSR1)
     guard = cluster.JobGuard(cluster.ClusterConfig(stop_signals=["SIGUSR1"]), tmp_path, rank=0)
     try:
         assert guard.should_stop() is False  # installs the handlers
@@ -244,7 +245,7 @@ def test_stop_signal_is_configurable_and_only_flags(tmp_path):
         assert "stopped by SIGUSR1 after step 5" in str(guard.preempted(5, tmp_path))
     finally:
         guard.close()
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGUSR1) is prior  # close() puts back what was there
     with pytest.raises(Exception, match="'SIGKILL' is not a catchable signal"):
         cluster.ClusterConfig(stop_signals=["SIGKILL"])
 
