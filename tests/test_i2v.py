@@ -306,3 +306,22 @@ def test_wan_i2v_full_finetune_and_pcm_distill_run(env, wan_pipe, wan_shards, tm
     pcm = _train(env, wan_shards, tmp_path / "pcm", recipe="distill", lora={"enabled": True, "rank": 4},
                  recipe_args={"num_teacher_steps": 8, "phases": 2, "guidance_min": 1.0, "guidance_max": 3.0}, **wan)
     assert len(_losses(pcm)) == 2 and all(np.isfinite(_losses(pcm)))
+
+
+def test_a_per_request_view_samples_with_the_requests_image(env):
+    """`fastpost serve` runs each request through VideoSampler.with_settings: the request's image is the one used
+    (equal to a sampler built with that image), and an I2V request without one fails before any collective."""
+    import dataclasses
+
+    import imageio.v2 as imageio
+
+    other = env["root"] / "request.png"
+    imageio.imwrite(other, np.full((48, 80, 3), 200, dtype=np.uint8))
+    base_cfg = SampleConfig(prompt=PROMPT, negative_prompt=NEGATIVE, image=str(env["image"]), height=48, width=80,
+                            num_frames=9, steps=3, guidance_scale=5.0, seed=3, progress_bar=False,
+                            model=SampleModelConfig(family="cogvideox", pretrained=str(env["1.0"])))
+    base = VideoSampler(base_cfg)
+    view = base.with_settings(dataclasses.replace(base_cfg, image=str(other)), base.cond, base.uncond)
+    assert torch.equal(view.generate(0), _mine(env["1.0"], other))
+    with pytest.raises(SampleError, match="image-to-video: pass image="):
+        base.with_settings(dataclasses.replace(base_cfg, image=None), base.cond, base.uncond)

@@ -298,7 +298,8 @@ class VideoSampler:
         it raises SampleError before any collective."""
         view = copy.copy(self)
         view.cfg = cfg
-        view.items = read_prompts(cfg.prompt, None, cfg.negative_prompt, cfg.seed)
+        view.items = read_prompts(cfg.prompt, None, cfg.negative_prompt, cfg.seed, cfg.image)
+        check_images(view.items, self.takes_image, self.family.name)  # an I2V model's request needs its image
         view.guidance = _guidance(cfg)
         mesh_lib.check_layout(cfg.parallel.cfg, cfg.parallel.ulysses, self.dims.world_size, view.guidance)
         view.geometry = resolve_geometry(cfg, self.family, self.model.config, self.vae_config)

@@ -168,7 +168,7 @@ class Engine:
         return ok
 
     def takes_image(self) -> bool:
-        return "image" in self.family.conditioning
+        return self.base.takes_image  # the transformer's own config says (family.takes_image)
 
     # ---- every rank: one request ------------------------------------------------------------------------------------
     def _request_config(self, req: Request) -> SampleConfig:
