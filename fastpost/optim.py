@@ -95,10 +95,15 @@ def _like(param, local: torch.Tensor, global_shape: tuple[int, ...]):
 
 
 class _KeepStateDtype:
-    """torch's load_state_dict casts floating state to the parameter's dtype and device: restore ours as saved
-    (fp32 scales and moments; on the host for the offloaded optimizer), so resume is bit-exact."""
+    """The AdamW hyper-parameters of fastpost's own optimizers, and a load_state_dict that keeps their state as
+    saved: torch's casts floating state to the parameter's dtype and device, ours stays fp32 (scales and moments;
+    on the host for the offloaded optimizer), so resume is bit-exact."""
 
     _state_device: str | None = None
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict["state"]
@@ -115,10 +120,6 @@ class _KeepStateDtype:
 
 class AdamW8bit(_KeepStateDtype, torch.optim.Optimizer):
     """AdamW with 8-bit blockwise-quantised moments (module docstring). Update math in fp32."""
-
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -180,10 +181,6 @@ class AdamWOffload(_KeepStateDtype, torch.optim.Optimizer):
     run the result equals torch.optim.AdamW(foreach=False)."""
 
     _state_device = "cpu"
-
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):

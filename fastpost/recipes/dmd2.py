@@ -277,6 +277,13 @@ class DMD2(Recipe):
         x_reg = self._x0(self.generator, grid, x, self.edges[k], embeds, mask)
         return F.mse_loss(x_reg.float(), y.float())
 
+    def _noising(self, x: torch.Tensor, generator: torch.Generator):
+        """(t, eps, a, b) for noising generator samples x to x_t = a x + b eps at a random level (same draws, same
+        order, for the generator's and the critic's loss)."""
+        t = self._noise_level(x.shape[0], generator)
+        eps = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+        return (t, eps, *self.fine.coeffs(t, x))
+
     def _noise_level(self, bsz: int, generator: torch.Generator) -> torch.Tensor:
         n = self.fine.steps
         lo, hi = round(self.cfg.t_min * n), max(round(self.cfg.t_min * n) + 1, round(self.cfg.t_max * n))
@@ -293,9 +300,7 @@ class DMD2(Recipe):
     def _generator_loss(self, x0, embeds, mask, generator):
         cfg, fine = self.cfg, self.fine
         x_g = self.generate(x0, embeds, mask, generator, grad=True)
-        t = self._noise_level(x0.shape[0], generator)
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
-        a, b = fine.coeffs(t, x_g)
+        t, eps, a, b = self._noising(x_g, generator)
         x_t = a * x_g.detach() + b * eps
         w = cfg.real_guidance
         with torch.no_grad():
@@ -326,9 +331,7 @@ class DMD2(Recipe):
     def _critic_loss(self, x0, embeds, mask, generator):
         cfg, fine = self.cfg, self.fine
         x_g = self.generate(x0, embeds, mask, generator, grad=False)
-        t = self._noise_level(x0.shape[0], generator)
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
-        a, b = fine.coeffs(t, x_g)
+        t, eps, a, b = self._noising(x_g, generator)
         x_t = a * x_g + b * eps
         with self._as_critic() as critic:
             pred = guided_prediction(self.family, critic, fine, x_t, t, embeds, mask, 1.0)
